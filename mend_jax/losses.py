@@ -1,0 +1,91 @@
+"""Task losses and metrics, pure functions of logits and a batch.
+
+Which tokens count:
+  causal_lm: logits[:, t] predicts labels[:, t+1]; a token is scored where labels != -100.
+  seq2seq:   logits[:, t] predicts labels[:, t] (decoder positions); scored where labels != -100.
+  binary:    one logit per example, labels in {0, 1}.
+The edit loss is the token mean over every scored token of the batch (as in the paper's code), so a
+batch of k edits is one loss whose gradient is the sum of per-token rank-1 terms.
+
+Locality KL(p_base || p_edited), by task:
+  causal_lm: at every position where `kl_mask` (default: attention_mask) is 1; each position's
+             next-token distribution.
+  seq2seq:   at each answer token (labels != -100), given its prefix; `kl_mask` overrides.
+  binary:    closed-form Bernoulli KL, mean over examples.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+IGNORE = -100
+
+
+def _align(task: str, logits: jax.Array, labels: jax.Array):
+  if task == "causal_lm":
+    return logits[:, :-1], labels[:, 1:]
+  return logits, labels
+
+
+def token_logprobs(task: str, logits: jax.Array, batch: Mapping[str, jax.Array]):
+  """Log-probability of each scored label and its mask.
+
+  Returns (logp, mask): [B,T'] each for sequence tasks, [B] for binary.
+  """
+  labels = batch["labels"]
+  if task == "binary":
+    y = labels.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    logp = y * jax.nn.log_sigmoid(logits) + (1.0 - y) * jax.nn.log_sigmoid(-logits)
+    return logp, jnp.ones_like(logp)
+  logits, labels = _align(task, logits, labels)
+  mask = labels != IGNORE
+  safe = jnp.where(mask, labels, 0)
+  logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logp = jnp.take_along_axis(logp_all, safe[..., None], axis=-1)[..., 0]
+  return jnp.where(mask, logp, 0.0), mask.astype(jnp.float32)
+
+
+def nll(task: str, logits: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Token-mean negative log-likelihood over all scored tokens of the batch (scalar)."""
+  logp, mask = token_logprobs(task, logits, batch)
+  return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def exact_match(task: str, logits: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Per-example success [B] (float 0/1): every scored label token is the argmax (teacher forced);
+  binary: sigmoid(logit) > 0.5 agrees with the label. Examples with no scored token count as 0."""
+  labels = batch["labels"]
+  if task == "binary":
+    return ((logits > 0).astype(jnp.int32) == labels.astype(jnp.int32)).astype(jnp.float32)
+  logits, labels = _align(task, logits, labels)
+  mask = labels != IGNORE
+  correct = (jnp.argmax(logits, -1) == labels) | ~mask
+  return (jnp.all(correct, -1) & jnp.any(mask, -1)).astype(jnp.float32)
+
+
+def kl_mask(task: str, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Which positions the locality KL reads (see module docstring)."""
+  if "kl_mask" in batch:
+    return batch["kl_mask"].astype(jnp.float32)
+  if task == "seq2seq":
+    return (batch["labels"] != IGNORE).astype(jnp.float32)
+  return batch["attention_mask"].astype(jnp.float32)
+
+
+def locality_kl(task: str, base_logits: jax.Array, edited_logits: jax.Array,
+                batch: Mapping[str, jax.Array]) -> jax.Array:
+  """KL(p_base || p_edited) averaged over the locality positions (scalar)."""
+  if task == "binary":
+    p, q = base_logits.astype(jnp.float32), edited_logits.astype(jnp.float32)
+    kl = (jax.nn.sigmoid(p) * (jax.nn.log_sigmoid(p) - jax.nn.log_sigmoid(q))
+          + jax.nn.sigmoid(-p) * (jax.nn.log_sigmoid(-p) - jax.nn.log_sigmoid(-q)))
+    return jnp.mean(kl)
+  mask = kl_mask(task, batch)
+  lp = jax.nn.log_softmax(base_logits.astype(jnp.float32), -1)
+  lq = jax.nn.log_softmax(edited_logits.astype(jnp.float32), -1)
+  kl = jnp.sum(jnp.exp(lp) * (lp - lq), -1)
+  return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)

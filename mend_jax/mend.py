@@ -1,0 +1,217 @@
+"""MEND: editor state, pseudo-gradients, and the pure edit function.
+
+Per edited layer l, with u, delta from `capture` and mask = tokens where both are non-zero:
+  1. u_n, delta_n = normalise(u), normalise(delta) with the running statistics of l's editor;
+  2. (u~, delta~) = g_l(u_n, delta_n), g_l the editor for l's weight shape, in mode l;
+  3. grad~_l = sum over masked tokens (all edits of the batch) of delta~_t u~_t^T;
+  4. W~_l = W_l - alpha_l * grad~_l.
+Only the editable leaves change; every other leaf of the returned tree is the input leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from mend_jax import capture as capture_lib
+from mend_jax import stats as stats_lib
+from mend_jax.editor import EditorConfig, MENDNet
+from mend_jax.models import EditableModel
+
+
+class EditorState(NamedTuple):
+  """params: {"net": {group: network params}, "alpha": [n_layers] learned steps} (trained);
+  stats: {group: {"u": RunningStats, "delta": RunningStats}} (accumulated, not trained)."""
+
+  params: dict
+  stats: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """Layers that share one editor network. layer_ids index model.layers; a layer's mode is its
+  position in layer_ids."""
+
+  key: str
+  layer_ids: tuple[int, ...]
+  d_in: int
+  d_out: int
+
+
+def make_groups(model: EditableModel, shared: bool) -> tuple[Group, ...]:
+  groups: dict[str, list[int]] = {}
+  for i, layer in enumerate(model.layers):
+    groups.setdefault(layer.shape_key if shared else f"layer{i}", []).append(i)
+  return tuple(Group(k, tuple(ids), model.layers[ids[0]].d_in, model.layers[ids[0]].d_out)
+               for k, ids in groups.items())
+
+
+def replace_leaves(params, new_leaves: Mapping[str, jax.Array]):
+  """A copy of the nested-dict `params` with the "/"-joined paths in new_leaves replaced."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  for path, value in new_leaves.items():
+    if path not in flat:
+      raise KeyError(f"parameter {path!r} is not in the model's parameter tree")
+    if flat[path].shape != value.shape:
+      raise ValueError(f"new value for {path!r} has shape {value.shape}, expected {flat[path].shape}")
+    flat[path] = value.astype(flat[path].dtype)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def get_leaves(params, paths) -> dict[str, jax.Array]:
+  flat = traverse_util.flatten_dict(params, sep="/")
+  return {p: flat[p] for p in paths}
+
+
+class MEND:
+  """A MEND editor for one model and one set of editable layers. Hashed by identity, so its methods
+  can be jitted with it as a static argument; all state lives in `EditorState`.
+
+  Usage:
+    editor = MEND(model, EditorConfig(rank=64))
+    state = editor.init(jax.random.PRNGKey(0))
+    new_params, info = editor.jit_edit(state, params, batch)
+  """
+
+  def __init__(self, model: EditableModel, cfg: EditorConfig = EditorConfig()):
+    self.model = model
+    self.cfg = cfg
+    self.groups = make_groups(model, cfg.shared)
+    self.nets = {g.key: MENDNet(cfg, n_modes=len(g.layer_ids)) for g in self.groups}
+
+  # ---------------------------------------------------------------- state
+  def init(self, rng: jax.Array) -> EditorState:
+    nets = {}
+    for i, g in enumerate(self.groups):
+      u = jnp.zeros((1, g.d_in), jnp.float32)
+      d = jnp.zeros((1, g.d_out), jnp.float32)
+      nets[g.key] = self.nets[g.key].init(jax.random.fold_in(rng, i), u, d, jnp.zeros((1,), jnp.int32))["params"]
+    alpha = jnp.full((len(self.model.layers),), self.cfg.edit_lr, jnp.float32)
+    st = {g.key: {"u": stats_lib.init(g.d_in), "delta": stats_lib.init(g.d_out)} for g in self.groups}
+    return EditorState({"net": nets, "alpha": alpha}, st)
+
+  # ---------------------------------------------------------------- pieces
+  def masks(self, cap: capture_lib.Capture) -> dict[str, jax.Array]:
+    return {l.path: capture_lib.token_mask(cap.u[l.path], cap.delta[l.path]) for l in self.model.layers}
+
+  def update_stats(self, stats: dict, cap: capture_lib.Capture) -> dict:
+    """Statistics with this batch's masked u and delta rows added (pooled over each group's layers)."""
+    masks = self.masks(cap)
+    new = {}
+    for g in self.groups:
+      s_u, s_d = stats[g.key]["u"], stats[g.key]["delta"]
+      for i in g.layer_ids:
+        p = self.model.layers[i].path
+        s_u = stats_lib.update(s_u, cap.u[p], masks[p])
+        s_d = stats_lib.update(s_d, cap.delta[p], masks[p])
+      new[g.key] = {"u": s_u, "delta": s_d}
+    return new
+
+  def pseudo_factors(self, net_params: dict, stats: dict, cap: capture_lib.Capture):
+    """{path: (u~ [N, d_in], delta~ [N, d_out])}, N = all token rows of the layer, masked rows zero.
+
+    The rows of every layer of a group go through the group's network in one call, each row
+    tagged with its layer's mode."""
+    masks = self.masks(cap)
+    out = {}
+    for g in self.groups:
+      paths = [self.model.layers[i].path for i in g.layer_ids]
+      us = [cap.u[p].reshape(-1, g.d_in).astype(jnp.float32) for p in paths]
+      ds = [cap.delta[p].reshape(-1, g.d_out).astype(jnp.float32) for p in paths]
+      sizes = [u.shape[0] for u in us]
+      u_all, d_all = jnp.concatenate(us), jnp.concatenate(ds)
+      modes = jnp.concatenate([jnp.full((n,), m, jnp.int32) for m, n in enumerate(sizes)])
+      mask = jnp.concatenate([masks[p].reshape(-1) for p in paths])[:, None].astype(jnp.float32)
+      if self.cfg.norm:
+        u_all = stats_lib.normalize(stats[g.key]["u"], u_all)
+        d_all = stats_lib.normalize(stats[g.key]["delta"], d_all)
+      u_t, d_t = self.nets[g.key].apply({"params": net_params[g.key]}, u_all, d_all, modes)
+      # Masked rows (padding, no gradient) take no part in the update.
+      u_t, d_t = u_t * mask, d_t * mask
+      bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+      for k, p in enumerate(paths):
+        out[p] = (u_t[bounds[k]:bounds[k + 1]], d_t[bounds[k]:bounds[k + 1]])
+    return out
+
+  def apply_updates(self, editor_params: dict, stats: dict, model_params, cap: capture_lib.Capture,
+                    diagnostics: bool = False):
+    """New model params from a capture, and info (see `edit`)."""
+    factors = self.pseudo_factors(editor_params["net"], stats, cap)
+    kernels = get_leaves(model_params, self.model.layer_paths)
+    sign = -1.0 if self.cfg.descent else 1.0
+    new, upd_norm = {}, []
+    for i, layer in enumerate(self.model.layers):
+      u_t, d_t = factors[layer.path]
+      g = capture_lib.rank1_sum(u_t, d_t, layer.layout)
+      step = editor_params["alpha"][i] * g
+      new[layer.path] = kernels[layer.path] + sign * step.astype(kernels[layer.path].dtype)
+      upd_norm.append(jnp.linalg.norm(step))
+    masks = self.masks(cap)
+    info = {
+        "loss_before": cap.loss,
+        "update_norm": jnp.stack(upd_norm),
+        "n_tokens": jnp.stack([jnp.sum(masks[l.path]) for l in self.model.layers]).astype(jnp.float32),
+    }
+    if diagnostics:
+      gn, cos = [], []
+      for layer in self.model.layers:
+        u_t, d_t = factors[layer.path]
+        true_g = capture_lib.rank1_sum(cap.u[layer.path], cap.delta[layer.path], layer.layout)
+        pseudo = capture_lib.rank1_sum(u_t, d_t, layer.layout)
+        gn.append(jnp.linalg.norm(true_g))
+        cos.append(jnp.sum(true_g * pseudo) / (jnp.linalg.norm(true_g) * jnp.linalg.norm(pseudo) + 1e-30))
+      info["grad_norm"], info["grad_cos"] = jnp.stack(gn), jnp.stack(cos)
+    return replace_leaves(model_params, new), info
+
+  # ---------------------------------------------------------------- the edit
+  def edit(self, state: EditorState, params, batch: Mapping[str, jax.Array], diagnostics: bool = False):
+    """Edits `params` so the model fits `batch` (one or k edits; their updates are summed).
+
+    Returns (new_params, info) with info = {loss_before: [], update_norm: [L] (Frobenius norm of
+    alpha_l * grad~_l), n_tokens: [L] rows that took part; with diagnostics also grad_norm: [L] of
+    the true gradient and grad_cos: [L] cosine between true gradient and grad~}. Pure: compose it
+    with jax.jit / jax.vmap freely (`jit_edit` is the jitted form).
+    """
+    cap = capture_lib.capture(self.model, params, batch)
+    return self.apply_updates(state.params, state.stats, params, cap, diagnostics)
+
+  @functools.cached_property
+  def jit_edit(self):
+    return jax.jit(self.edit, static_argnames=("diagnostics",))
+
+  def edit_for_training(self, editor_params: dict, stats: dict, params, batch):
+    """The training-time edit: statistics first absorb this edit batch (as in the official code),
+    then the edit uses them. Returns (new_params, new_stats, info); differentiable wrt editor_params."""
+    cap = capture_lib.capture(self.model, params, batch)
+    new_stats = self.update_stats(stats, cap) if self.cfg.norm else stats
+    new_params, info = self.apply_updates(editor_params, new_stats, params, cap)
+    return new_params, new_stats, info
+
+  def num_params(self, state: EditorState) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
+
+
+def check_batch(model: EditableModel, batch: Mapping[str, Any]) -> None:
+  """Clear errors for malformed edit batches (before anything reaches JAX)."""
+  need = {"causal_lm": ("input_ids", "attention_mask", "labels"),
+          "seq2seq": ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels"),
+          "binary": ("input_ids", "attention_mask", "labels")}[model.task]
+  missing = [k for k in need if k not in batch]
+  if missing:
+    raise ValueError(f"batch for a {model.task} model is missing {missing}; it has {sorted(batch)}")
+  ids = batch["input_ids"]
+  if getattr(ids, "ndim", 0) != 2:
+    raise ValueError(f"batch['input_ids'] must be [batch, time], got shape {getattr(ids, 'shape', None)}")
+  limit = model.max_length
+  if limit is not None and ids.shape[1] > limit:
+    raise ValueError(f"batch['input_ids'] has {ids.shape[1]} tokens, longer than the model's context of {limit}")
+  if model.task != "binary":
+    import numpy as np
+
+    if not np.any(np.asarray(batch["labels"]) != -100):
+      raise ValueError("batch['labels'] has no scored token (all -100): the edit target is empty")
