@@ -161,10 +161,14 @@ def resolve_layers(params: Params, regexes: Sequence[str], layout: str) -> tuple
     except re.error as e:
       raise ValueError(f"editable regex {rx!r} is not a valid regular expression: {e}") from None
   flat = traverse_util.flatten_dict(params, sep="/")
+  # Order: by the first regex that matches (e.g. encoder before decoder), then natural path order.
+  matched = {}
+  for path in flat:
+    hits = [i for i, rx in enumerate(compiled) if rx.search(path)]
+    if hits:
+      matched[path] = hits[0]
   layers = []
-  for path in sorted(flat, key=_natural_key):
-    if not any(rx.search(path) for rx in compiled):
-      continue
+  for path in sorted(matched, key=lambda p: (matched[p], _natural_key(p))):
     kernel = flat[path]
     if not path.endswith("/kernel") or getattr(kernel, "ndim", 0) != 2:
       raise ValueError(

@@ -36,27 +36,27 @@ from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
 __all__ = [
-    "Relation",
-    "DEFAULT_RELATIONS",
-    "WorldConfig",
-    "World",
-    "Fact",
-    "SPLITS",
-    "EOS_TOKEN",
-    "UNK_TOKEN",
-    "generate_world",
-    "render_prompt",
-    "fact_sentence",
-    "iter_facts",
-    "make_records",
-    "config_to_dict",
-    "config_from_dict",
-    "world_to_json",
-    "world_from_json",
-    "load_world",
-    "train_tokenizer",
-    "write_benchmark",
-    "load_records",
+  "Relation",
+  "DEFAULT_RELATIONS",
+  "WorldConfig",
+  "World",
+  "Fact",
+  "SPLITS",
+  "EOS_TOKEN",
+  "UNK_TOKEN",
+  "generate_world",
+  "render_prompt",
+  "fact_sentence",
+  "iter_facts",
+  "make_records",
+  "config_to_dict",
+  "config_from_dict",
+  "world_to_json",
+  "world_from_json",
+  "load_world",
+  "train_tokenizer",
+  "write_benchmark",
+  "load_records",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -74,133 +74,133 @@ _PRETOKENIZE_PATTERN = r"'s(?!\w)|\w+|[^\w\s]+"
 
 @dataclass(frozen=True)
 class Relation:
-    """A typed relation and the ways to ask about it.
+  """A typed relation and the ways to ask about it.
 
-    ``templates`` contain ``{s}`` exactly once (the subject) and end right
-    before the object, without a trailing space.
-    """
+  ``templates`` contain ``{s}`` exactly once (the subject) and end right
+  before the object, without a trailing space.
+  """
 
-    name: str
-    templates: tuple[str, ...]
+  name: str
+  templates: tuple[str, ...]
 
 
 DEFAULT_RELATIONS: tuple[Relation, ...] = (
-    Relation(
-        "capital",
-        (
-            "The capital of {s} is",
-            "{s}'s capital city is",
-            "{s} has its capital in",
-            "What is the capital of {s}? It is",
-        ),
+  Relation(
+    "capital",
+    (
+      "The capital of {s} is",
+      "{s}'s capital city is",
+      "{s} has its capital in",
+      "What is the capital of {s}? It is",
     ),
-    Relation(
-        "language",
-        (
-            "The official language of {s} is",
-            "People in {s} mostly speak",
-            "The main language spoken in {s} is",
-            "What language is spoken in {s}? It is",
-        ),
+  ),
+  Relation(
+    "language",
+    (
+      "The official language of {s} is",
+      "People in {s} mostly speak",
+      "The main language spoken in {s} is",
+      "What language is spoken in {s}? It is",
     ),
-    Relation(
-        "currency",
-        (
-            "The currency of {s} is the",
-            "In {s}, people pay with the",
-            "{s}'s official currency is the",
-            "What money is used in {s}? It is the",
-        ),
+  ),
+  Relation(
+    "currency",
+    (
+      "The currency of {s} is the",
+      "In {s}, people pay with the",
+      "{s}'s official currency is the",
+      "What money is used in {s}? It is the",
     ),
-    Relation(
-        "founder",
-        (
-            "{s} was founded by",
-            "The founder of {s} was",
-            "{s}'s first ruler was",
-            "Who founded {s}? It was",
-        ),
+  ),
+  Relation(
+    "founder",
+    (
+      "{s} was founded by",
+      "The founder of {s} was",
+      "{s}'s first ruler was",
+      "Who founded {s}? It was",
     ),
-    Relation(
-        "sport",
-        (
-            "The national sport of {s} is",
-            "The most popular sport in {s} is",
-            "In {s}, the favourite game is",
-            "Which sport do people in {s} love? It is",
-        ),
+  ),
+  Relation(
+    "sport",
+    (
+      "The national sport of {s} is",
+      "The most popular sport in {s} is",
+      "In {s}, the favourite game is",
+      "Which sport do people in {s} love? It is",
     ),
-    Relation(
-        "colour",
-        (
-            "The flag of {s} is mostly",
-            "The national colour of {s} is",
-            "{s}'s flag has the colour",
-            "What colour is the flag of {s}? It is",
-        ),
+  ),
+  Relation(
+    "colour",
+    (
+      "The flag of {s} is mostly",
+      "The national colour of {s} is",
+      "{s}'s flag has the colour",
+      "What colour is the flag of {s}? It is",
     ),
+  ),
 )
 
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """Everything that determines a world; equal configs give equal worlds.
+  """Everything that determines a world; equal configs give equal worlds.
 
-    split_fractions: (train, val, test) shares of the subjects; the splits get
-    disjoint subjects so that test edits are about subjects never edited in
-    training.
-    """
+  split_fractions: (train, val, test) shares of the subjects; the splits get
+  disjoint subjects so that test edits are about subjects never edited in
+  training.
+  """
 
-    seed: int = 0
-    n_subjects: int = 400
-    n_objects_per_relation: int = 30
-    relations: tuple[Relation, ...] = DEFAULT_RELATIONS
-    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    two_word_subject_fraction: float = 0.3
+  seed: int = 0
+  n_subjects: int = 400
+  n_objects_per_relation: int = 30
+  relations: tuple[Relation, ...] = DEFAULT_RELATIONS
+  split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+  two_word_subject_fraction: float = 0.3
 
 
 def _validate_config(cfg: WorldConfig) -> None:
-    """Raise ValueError naming the first bad field of ``cfg``."""
-    if cfg.n_subjects < 6:
-        raise ValueError(f"WorldConfig.n_subjects={cfg.n_subjects}: need >= 6 (2 per split, for loc prompts)")
-    if cfg.n_objects_per_relation < 2:
-        raise ValueError(
-            f"WorldConfig.n_objects_per_relation={cfg.n_objects_per_relation}: need >= 2 so that an edit "
-            "target can differ from the true object"
-        )
-    if not cfg.relations:
-        raise ValueError("WorldConfig.relations is empty")
-    names = [r.name for r in cfg.relations]
-    if len(set(names)) != len(names):
-        raise ValueError(f"WorldConfig.relations has duplicate names: {names}")
-    for rel in cfg.relations:
-        if len(rel.templates) < 2:
-            raise ValueError(f"relation {rel.name!r}: need >= 2 templates for rephrases, got {len(rel.templates)}")
-        if len(set(rel.templates)) != len(rel.templates):
-            raise ValueError(f"relation {rel.name!r} has duplicate templates")
-        for t in rel.templates:
-            if t.count("{s}") != 1:
-                raise ValueError(f"relation {rel.name!r}: template {t!r} must contain '{{s}}' exactly once")
-            if t != t.strip():
-                raise ValueError(f"relation {rel.name!r}: template {t!r} must not start or end with whitespace")
-    fr = cfg.split_fractions
-    if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-        raise ValueError(f"WorldConfig.split_fractions={fr}: need 3 positive numbers summing to 1")
-    if not 0.0 <= cfg.two_word_subject_fraction <= 1.0:
-        raise ValueError(f"WorldConfig.two_word_subject_fraction={cfg.two_word_subject_fraction}: need in [0, 1]")
+  """Raise ValueError naming the first bad field of ``cfg``."""
+  if cfg.n_subjects < 6:
+    raise ValueError(f"WorldConfig.n_subjects={cfg.n_subjects}: need >= 6 (2 per split, for loc prompts)")
+  if cfg.n_objects_per_relation < 2:
+    raise ValueError(
+      f"WorldConfig.n_objects_per_relation={cfg.n_objects_per_relation}: need >= 2 so that an edit "
+      "target can differ from the true object"
+    )
+  if not cfg.relations:
+    raise ValueError("WorldConfig.relations is empty")
+  names = [r.name for r in cfg.relations]
+  if len(set(names)) != len(names):
+    raise ValueError(f"WorldConfig.relations has duplicate names: {names}")
+  for rel in cfg.relations:
+    if len(rel.templates) < 2:
+      raise ValueError(f"relation {rel.name!r}: need >= 2 templates for rephrases, got {len(rel.templates)}")
+    if len(set(rel.templates)) != len(rel.templates):
+      raise ValueError(f"relation {rel.name!r} has duplicate templates")
+    for t in rel.templates:
+      if t.count("{s}") != 1:
+        raise ValueError(f"relation {rel.name!r}: template {t!r} must contain '{{s}}' exactly once")
+      if t != t.strip():
+        raise ValueError(f"relation {rel.name!r}: template {t!r} must not start or end with whitespace")
+  fr = cfg.split_fractions
+  if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+    raise ValueError(f"WorldConfig.split_fractions={fr}: need 3 positive numbers summing to 1")
+  if not 0.0 <= cfg.two_word_subject_fraction <= 1.0:
+    raise ValueError(f"WorldConfig.two_word_subject_fraction={cfg.two_word_subject_fraction}: need in [0, 1]")
 
 
 def config_to_dict(cfg: WorldConfig) -> dict:
-    """JSON-ready dict of ``cfg`` (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+  """JSON-ready dict of ``cfg`` (tuples become lists)."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def config_from_dict(d: dict) -> WorldConfig:
-    """Inverse of :func:`config_to_dict`."""
-    d = dict(d)
-    d["relations"] = tuple(Relation(r["name"], tuple(r["templates"])) for r in d["relations"])
-    d["split_fractions"] = tuple(d["split_fractions"])
-    return WorldConfig(**d)
+  """Inverse of :func:`config_to_dict`."""
+  d = dict(d)
+  d["relations"] = tuple(Relation(r["name"], tuple(r["templates"])) for r in d["relations"])
+  d["split_fractions"] = tuple(d["split_fractions"])
+  return WorldConfig(**d)
 
 
 # ---------------------------------------------------------------------------
@@ -210,35 +210,35 @@ def config_from_dict(d: dict) -> WorldConfig:
 
 @dataclass(frozen=True)
 class World:
-    """A generated world.
+  """A generated world.
 
-    objects: relation name -> its pool of objects (1 word each).
-    subjects: all subject names (1-2 words), in generation order.
-    facts: subject -> relation name -> the true object.
-    splits: "train"/"val"/"test" -> the subjects of that split (disjoint).
-    """
+  objects: relation name -> its pool of objects (1 word each).
+  subjects: all subject names (1-2 words), in generation order.
+  facts: subject -> relation name -> the true object.
+  splits: "train"/"val"/"test" -> the subjects of that split (disjoint).
+  """
 
-    config: WorldConfig
-    objects: dict[str, tuple[str, ...]]
-    subjects: tuple[str, ...]
-    facts: dict[str, dict[str, str]]
-    splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+  config: WorldConfig
+  objects: dict[str, tuple[str, ...]]
+  subjects: tuple[str, ...]
+  facts: dict[str, dict[str, str]]
+  splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
-    def relation(self, name: str) -> Relation:
-        for rel in self.config.relations:
-            if rel.name == name:
-                return rel
-        raise KeyError(f"unknown relation {name!r}; known: {[r.name for r in self.config.relations]}")
+  def relation(self, name: str) -> Relation:
+    for rel in self.config.relations:
+      if rel.name == name:
+        return rel
+    raise KeyError(f"unknown relation {name!r}; known: {[r.name for r in self.config.relations]}")
 
 
 class Fact(NamedTuple):
-    """One phrasing of one true fact."""
+  """One phrasing of one true fact."""
 
-    subject: str
-    relation: str
-    template_index: int
-    prompt: str
-    target: str
+  subject: str
+  relation: str
+  template_index: int
+  prompt: str
+  target: str
 
 
 # Pronounceable made-up words: (onset + vowel + optional coda) syllables.
@@ -249,194 +249,194 @@ _CODAS = ("", "", "", "n", "r", "l", "s", "k", "m", "x", "th")
 
 
 def _template_words(relations: Sequence[Relation]) -> set[str]:
-    """Lower-cased words used by the templates; invented words must avoid them."""
-    words: set[str] = set()
-    for rel in relations:
-        for t in rel.templates:
-            for w in t.replace("{s}", " ").replace("'", " ").replace("?", " ").replace(",", " ").split():
-                words.add(w.lower())
-    return words
+  """Lower-cased words used by the templates; invented words must avoid them."""
+  words: set[str] = set()
+  for rel in relations:
+    for t in rel.templates:
+      for w in t.replace("{s}", " ").replace("'", " ").replace("?", " ").replace(",", " ").split():
+        words.add(w.lower())
+  return words
 
 
 def _make_word(rng: random.Random, min_syl: int, max_syl: int) -> str:
-    """One capitalised pronounceable word of ``min_syl..max_syl`` syllables."""
-    n = rng.randint(min_syl, max_syl)
-    parts = []
-    for i in range(n):
-        # Only the last syllable may close with a coda: keeps words readable.
-        coda = rng.choice(_CODAS) if i == n - 1 else ""
-        parts.append(rng.choice(_ONSETS) + rng.choice(_VOWELS) + coda)
-    return "".join(parts).capitalize()
+  """One capitalised pronounceable word of ``min_syl..max_syl`` syllables."""
+  n = rng.randint(min_syl, max_syl)
+  parts = []
+  for i in range(n):
+    # Only the last syllable may close with a coda: keeps words readable.
+    coda = rng.choice(_CODAS) if i == n - 1 else ""
+    parts.append(rng.choice(_ONSETS) + rng.choice(_VOWELS) + coda)
+  return "".join(parts).capitalize()
 
 
 def _make_unique_words(rng: random.Random, n: int, taken: set[str], min_syl: int, max_syl: int) -> list[str]:
-    """``n`` new words, none in ``taken`` (compared lower-case); adds them to ``taken``."""
-    out: list[str] = []
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 1000 * (n + 10):
-            raise RuntimeError(f"could not invent {n} distinct words with {min_syl}-{max_syl} syllables")
-        w = _make_word(rng, min_syl, max_syl)
-        # Short words risk reading like English or like each other.
-        if len(w) < 4 or w.lower() in taken:
-            continue
-        taken.add(w.lower())
-        out.append(w)
-    return out
+  """``n`` new words, none in ``taken`` (compared lower-case); adds them to ``taken``."""
+  out: list[str] = []
+  tries = 0
+  while len(out) < n:
+    tries += 1
+    if tries > 1000 * (n + 10):
+      raise RuntimeError(f"could not invent {n} distinct words with {min_syl}-{max_syl} syllables")
+    w = _make_word(rng, min_syl, max_syl)
+    # Short words risk reading like English or like each other.
+    if len(w) < 4 or w.lower() in taken:
+      continue
+    taken.add(w.lower())
+    out.append(w)
+  return out
 
 
 def _split_subjects(rng: random.Random, subjects: Sequence[str], fractions: Sequence[float]) -> dict[str, tuple[str, ...]]:
-    """Shuffle and cut ``subjects`` into disjoint train/val/test, each >= 2 long."""
-    order = list(subjects)
-    rng.shuffle(order)
-    n = len(order)
-    n_val = max(2, round(n * fractions[1]))
-    n_test = max(2, round(n * fractions[2]))
-    n_train = n - n_val - n_test
-    if n_train < 2:
-        raise ValueError(f"n_subjects={n} too small for split_fractions={tuple(fractions)}")
-    return {
-        "train": tuple(order[:n_train]),
-        "val": tuple(order[n_train:n_train + n_val]),
-        "test": tuple(order[n_train + n_val:]),
-    }
+  """Shuffle and cut ``subjects`` into disjoint train/val/test, each >= 2 long."""
+  order = list(subjects)
+  rng.shuffle(order)
+  n = len(order)
+  n_val = max(2, round(n * fractions[1]))
+  n_test = max(2, round(n * fractions[2]))
+  n_train = n - n_val - n_test
+  if n_train < 2:
+    raise ValueError(f"n_subjects={n} too small for split_fractions={tuple(fractions)}")
+  return {
+    "train": tuple(order[:n_train]),
+    "val": tuple(order[n_train:n_train + n_val]),
+    "test": tuple(order[n_train + n_val:]),
+  }
 
 
 def generate_world(cfg: WorldConfig = WorldConfig()) -> World:
-    """Build the world described by ``cfg``; deterministic in ``cfg``.
+  """Build the world described by ``cfg``; deterministic in ``cfg``.
 
-    All randomness comes from one ``random.Random(cfg.seed)``, consumed in a
-    fixed order (objects, subjects, facts, splits), never global state.
-    """
-    _validate_config(cfg)
-    rng = random.Random(cfg.seed)
-    taken = _template_words(cfg.relations)
-    # Words are unique across all pools and subjects so that an object token
-    # never also means a subject or another relation's object.
-    objects = {
-        rel.name: tuple(_make_unique_words(rng, cfg.n_objects_per_relation, taken, 2, 2))
-        for rel in cfg.relations
-    }
-    subjects: list[str] = []
-    for _ in range(cfg.n_subjects):
-        if rng.random() < cfg.two_word_subject_fraction:
-            subjects.append(" ".join(_make_unique_words(rng, 2, taken, 1, 2)))
-        else:
-            subjects.extend(_make_unique_words(rng, 1, taken, 2, 3))
-    facts = {s: {rel.name: rng.choice(objects[rel.name]) for rel in cfg.relations} for s in subjects}
-    splits = _split_subjects(rng, subjects, cfg.split_fractions)
-    return World(config=cfg, objects=objects, subjects=tuple(subjects), facts=facts, splits=splits)
+  All randomness comes from one ``random.Random(cfg.seed)``, consumed in a
+  fixed order (objects, subjects, facts, splits), never global state.
+  """
+  _validate_config(cfg)
+  rng = random.Random(cfg.seed)
+  taken = _template_words(cfg.relations)
+  # Words are unique across all pools and subjects so that an object token
+  # never also means a subject or another relation's object.
+  objects = {
+    rel.name: tuple(_make_unique_words(rng, cfg.n_objects_per_relation, taken, 2, 2))
+    for rel in cfg.relations
+  }
+  subjects: list[str] = []
+  for _ in range(cfg.n_subjects):
+    if rng.random() < cfg.two_word_subject_fraction:
+      subjects.append(" ".join(_make_unique_words(rng, 2, taken, 1, 2)))
+    else:
+      subjects.extend(_make_unique_words(rng, 1, taken, 2, 3))
+  facts = {s: {rel.name: rng.choice(objects[rel.name]) for rel in cfg.relations} for s in subjects}
+  splits = _split_subjects(rng, subjects, cfg.split_fractions)
+  return World(config=cfg, objects=objects, subjects=tuple(subjects), facts=facts, splits=splits)
 
 
 def render_prompt(template: str, subject: str) -> str:
-    """Fill a template with a subject; the result has no trailing space."""
-    return template.replace("{s}", subject)
+  """Fill a template with a subject; the result has no trailing space."""
+  return template.replace("{s}", subject)
 
 
 def fact_sentence(prompt: str, target: str) -> str:
-    """The text a model reads for (prompt, target): ``prompt + " " + target``."""
-    return f"{prompt} {target}"
+  """The text a model reads for (prompt, target): ``prompt + " " + target``."""
+  return f"{prompt} {target}"
 
 
 def iter_facts(world: World, subjects: Iterable[str] | None = None) -> list[Fact]:
-    """Every (subject, relation, template) phrasing of the true facts.
+  """Every (subject, relation, template) phrasing of the true facts.
 
-    Order: subject-major (in ``subjects`` order, default all subjects), then
-    relation, then template index. Length: n_subjects * sum(n_templates).
-    """
-    subjects = world.subjects if subjects is None else tuple(subjects)
-    out: list[Fact] = []
-    for s in subjects:
-        if s not in world.facts:
-            raise KeyError(f"subject {s!r} is not in this world")
-        for rel in world.config.relations:
-            target = world.facts[s][rel.name]
-            for i, t in enumerate(rel.templates):
-                out.append(Fact(s, rel.name, i, render_prompt(t, s), target))
-    return out
+  Order: subject-major (in ``subjects`` order, default all subjects), then
+  relation, then template index. Length: n_subjects * sum(n_templates).
+  """
+  subjects = world.subjects if subjects is None else tuple(subjects)
+  out: list[Fact] = []
+  for s in subjects:
+    if s not in world.facts:
+      raise KeyError(f"subject {s!r} is not in this world")
+    for rel in world.config.relations:
+      target = world.facts[s][rel.name]
+      for i, t in enumerate(rel.templates):
+        out.append(Fact(s, rel.name, i, render_prompt(t, s), target))
+  return out
 
 
 def make_records(world: World, split: str, seed: int | None = None) -> list[dict]:
-    """Edit records for one split: one per (subject, relation), shuffled.
+  """Edit records for one split: one per (subject, relation), shuffled.
 
-    Each record (zsRE/EasyEdit-like) has ``src`` (template A), ``answers``
-    ([true object]), ``alt`` (another object of the same relation),
-    ``rephrase`` (template B != A), ``loc``/``loc_ans`` (a true fact about a
-    different subject of the same split, any relation and template), plus
-    ``subject``, ``relation`` and bookkeeping indices.
+  Each record (zsRE/EasyEdit-like) has ``src`` (template A), ``answers``
+  ([true object]), ``alt`` (another object of the same relation),
+  ``rephrase`` (template B != A), ``loc``/``loc_ans`` (a true fact about a
+  different subject of the same split, any relation and template), plus
+  ``subject``, ``relation`` and bookkeeping indices.
 
-    ``seed`` defaults to the world seed; the split name is mixed in so the
-    splits get independent streams.
-    """
-    if split not in world.splits:
-        raise KeyError(f"unknown split {split!r}; known: {sorted(world.splits)}")
-    base = world.config.seed if seed is None else seed
-    rng = random.Random(f"{base}-records-{split}")
-    subjects = world.splits[split]
-    relations = world.config.relations
-    records: list[dict] = []
-    for s in subjects:
-        for rel in relations:
-            a, b = rng.sample(range(len(rel.templates)), 2)
-            truth = world.facts[s][rel.name]
-            alt = rng.choice([o for o in world.objects[rel.name] if o != truth])
-            # Locality probes stay inside the split, so splits never share subjects.
-            loc_s = rng.choice([x for x in subjects if x != s])
-            loc_rel = rng.choice(relations)
-            loc_t = rng.randrange(len(loc_rel.templates))
-            records.append({
-                "subject": s,
-                "relation": rel.name,
-                "src": render_prompt(rel.templates[a], s),
-                "answers": [truth],
-                "alt": alt,
-                "rephrase": render_prompt(rel.templates[b], s),
-                "loc": render_prompt(loc_rel.templates[loc_t], loc_s),
-                "loc_ans": world.facts[loc_s][loc_rel.name],
-                "src_template": a,
-                "rephrase_template": b,
-                "loc_subject": loc_s,
-                "loc_relation": loc_rel.name,
-                "loc_template": loc_t,
-            })
-    rng.shuffle(records)
-    return records
+  ``seed`` defaults to the world seed; the split name is mixed in so the
+  splits get independent streams.
+  """
+  if split not in world.splits:
+    raise KeyError(f"unknown split {split!r}; known: {sorted(world.splits)}")
+  base = world.config.seed if seed is None else seed
+  rng = random.Random(f"{base}-records-{split}")
+  subjects = world.splits[split]
+  relations = world.config.relations
+  records: list[dict] = []
+  for s in subjects:
+    for rel in relations:
+      a, b = rng.sample(range(len(rel.templates)), 2)
+      truth = world.facts[s][rel.name]
+      alt = rng.choice([o for o in world.objects[rel.name] if o != truth])
+      # Locality probes stay inside the split, so splits never share subjects.
+      loc_s = rng.choice([x for x in subjects if x != s])
+      loc_rel = rng.choice(relations)
+      loc_t = rng.randrange(len(loc_rel.templates))
+      records.append({
+        "subject": s,
+        "relation": rel.name,
+        "src": render_prompt(rel.templates[a], s),
+        "answers": [truth],
+        "alt": alt,
+        "rephrase": render_prompt(rel.templates[b], s),
+        "loc": render_prompt(loc_rel.templates[loc_t], loc_s),
+        "loc_ans": world.facts[loc_s][loc_rel.name],
+        "src_template": a,
+        "rephrase_template": b,
+        "loc_subject": loc_s,
+        "loc_relation": loc_rel.name,
+        "loc_template": loc_t,
+      })
+  rng.shuffle(records)
+  return records
 
 
 def world_to_json(world: World) -> dict:
-    """JSON-ready dict of the world (config included)."""
-    return {
-        "format_version": _FORMAT_VERSION,
-        "config": config_to_dict(world.config),
-        "objects": {k: list(v) for k, v in world.objects.items()},
-        "subjects": list(world.subjects),
-        "facts": world.facts,
-        "splits": {k: list(v) for k, v in world.splits.items()},
-    }
+  """JSON-ready dict of the world (config included)."""
+  return {
+    "format_version": _FORMAT_VERSION,
+    "config": config_to_dict(world.config),
+    "objects": {k: list(v) for k, v in world.objects.items()},
+    "subjects": list(world.subjects),
+    "facts": world.facts,
+    "splits": {k: list(v) for k, v in world.splits.items()},
+  }
 
 
 def world_from_json(d: dict) -> World:
-    """Inverse of :func:`world_to_json`."""
-    try:
-        return World(
-            config=config_from_dict(d["config"]),
-            objects={k: tuple(v) for k, v in d["objects"].items()},
-            subjects=tuple(d["subjects"]),
-            facts={s: dict(r) for s, r in d["facts"].items()},
-            splits={k: tuple(v) for k, v in d["splits"].items()},
-        )
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"world json is missing or has a bad field: {e!r}") from e
+  """Inverse of :func:`world_to_json`."""
+  try:
+    return World(
+      config=config_from_dict(d["config"]),
+      objects={k: tuple(v) for k, v in d["objects"].items()},
+      subjects=tuple(d["subjects"]),
+      facts={s: dict(r) for s, r in d["facts"].items()},
+      splits={k: tuple(v) for k, v in d["splits"].items()},
+    )
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"world json is missing or has a bad field: {e!r}") from e
 
 
 def load_world(data_dir: str | os.PathLike) -> World:
-    """Read ``{data_dir}/world.json`` written by :func:`write_benchmark`."""
-    path = Path(data_dir) / "world.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run write_benchmark({str(data_dir)!r}) first")
-    with open(path, encoding="utf-8") as f:
-        return world_from_json(json.load(f))
+  """Read ``{data_dir}/world.json`` written by :func:`write_benchmark`."""
+  path = Path(data_dir) / "world.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found; run write_benchmark({str(data_dir)!r}) first")
+  with open(path, encoding="utf-8") as f:
+    return world_from_json(json.load(f))
 
 
 # ---------------------------------------------------------------------------
@@ -445,160 +445,160 @@ def load_world(data_dir: str | os.PathLike) -> World:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + os.replace (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are shareable data files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+  """Write ``text`` to ``path`` via a temp file + os.replace (never half-written)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+      f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are shareable data files
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def _jsonl(records: Iterable[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+  return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
 
 
 def load_records(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file of edit records (blank lines are skipped).
+  """Read a JSONL file of edit records (blank lines are skipped).
 
-    Raises ValueError naming the file and the 1-based line of a row that is
-    not valid JSON or not a JSON object.
-    """
-    path = Path(path)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg}): {line.strip()[:80]!r}") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            records.append(row)
-    return records
+  Raises ValueError naming the file and the 1-based line of a row that is
+  not valid JSON or not a JSON object.
+  """
+  path = Path(path)
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg}): {line.strip()[:80]!r}") from e
+      if not isinstance(row, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+      records.append(row)
+  return records
 
 
 def train_tokenizer(pretrain_path: str | os.PathLike, out_dir: str | os.PathLike):
-    """Train a word-level tokenizer on ``pretrain_path`` and save it to ``out_dir``.
+  """Train a word-level tokenizer on ``pretrain_path`` and save it to ``out_dir``.
 
-    Every whitespace/punctuation-separated word becomes one token, so every
-    invented name is a single token and ``tok(" X") == tok("X")``. Special
-    tokens: ``<|endoftext|>`` (bos = eos = pad, id 0) and ``<unk>`` (id 1).
-    Nothing is added automatically around the text (like GPT-2), so callers
-    prepend bos themselves. Returns the ``PreTrainedTokenizerFast``.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+  Every whitespace/punctuation-separated word becomes one token, so every
+  invented name is a single token and ``tok(" X") == tok("X")``. Special
+  tokens: ``<|endoftext|>`` (bos = eos = pad, id 0) and ``<unk>`` (id 1).
+  Nothing is added automatically around the text (like GPT-2), so callers
+  prepend bos themselves. Returns the ``PreTrainedTokenizerFast``.
+  """
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
-    # Like pre_tokenizers.Whitespace (words, punctuation runs) but keeping the
-    # possessive "'s" as one token: the decoder can only glue it back whole.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(_PRETOKENIZE_PATTERN), behavior="removed", invert=True)
-    # WordPiece's decoder joins tokens with spaces and then, token by token,
-    # drops the space before "?", ",", "'s", ... so decoded text reads like the input.
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    trainer = trainers.WordLevelTrainer(special_tokens=[EOS_TOKEN, UNK_TOKEN], min_frequency=1, show_progress=False)
-    tok.train([str(pretrain_path)], trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=EOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-        unk_token=UNK_TOKEN,
-        # The decoder already cleans up; a second pass would only risk surprises.
-        clean_up_tokenization_spaces=False,
-        # As GPT-2: no token_type_ids, which Flax GPT-2's __call__ would reject.
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    fast.save_pretrained(str(out_dir))
-    return fast
+  tok = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+  # Like pre_tokenizers.Whitespace (words, punctuation runs) but keeping the
+  # possessive "'s" as one token: the decoder can only glue it back whole.
+  tok.pre_tokenizer = pre_tokenizers.Split(Regex(_PRETOKENIZE_PATTERN), behavior="removed", invert=True)
+  # WordPiece's decoder joins tokens with spaces and then, token by token,
+  # drops the space before "?", ",", "'s", ... so decoded text reads like the input.
+  tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+  trainer = trainers.WordLevelTrainer(special_tokens=[EOS_TOKEN, UNK_TOKEN], min_frequency=1, show_progress=False)
+  tok.train([str(pretrain_path)], trainer)
+  fast = PreTrainedTokenizerFast(
+    tokenizer_object=tok,
+    bos_token=EOS_TOKEN,
+    eos_token=EOS_TOKEN,
+    pad_token=EOS_TOKEN,
+    unk_token=UNK_TOKEN,
+    # The decoder already cleans up; a second pass would only risk surprises.
+    clean_up_tokenization_spaces=False,
+    # As GPT-2: no token_type_ids, which Flax GPT-2's __call__ would reject.
+    model_input_names=["input_ids", "attention_mask"],
+  )
+  fast.save_pretrained(str(out_dir))
+  return fast
 
 
 def _check_tokenizer(tok, world: World, sentences: Sequence[str]) -> None:
-    """Raise RuntimeError if an invented word is not one token or a sentence does not round-trip."""
-    words = {o for pool in world.objects.values() for o in pool}
-    words |= {w for s in world.subjects for w in s.split()}
-    for w in sorted(words):
-        for text in (w, " " + w):
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            if len(ids) != 1 or ids[0] == tok.unk_token_id:
-                raise RuntimeError(f"tokenizer: {text!r} -> {ids}, expected one known token")
-    enc = tok(list(sentences), add_special_tokens=False)["input_ids"]
-    for sent, ids in zip(sentences, enc):
-        if tok.unk_token_id in ids:
-            raise RuntimeError(f"tokenizer: {sent!r} contains an unknown token")
-        back = tok.decode(ids)
-        if back != sent:
-            raise RuntimeError(f"tokenizer: decode does not round-trip: {sent!r} -> {back!r}")
+  """Raise RuntimeError if an invented word is not one token or a sentence does not round-trip."""
+  words = {o for pool in world.objects.values() for o in pool}
+  words |= {w for s in world.subjects for w in s.split()}
+  for w in sorted(words):
+    for text in (w, " " + w):
+      ids = tok(text, add_special_tokens=False)["input_ids"]
+      if len(ids) != 1 or ids[0] == tok.unk_token_id:
+        raise RuntimeError(f"tokenizer: {text!r} -> {ids}, expected one known token")
+  enc = tok(list(sentences), add_special_tokens=False)["input_ids"]
+  for sent, ids in zip(sentences, enc):
+    if tok.unk_token_id in ids:
+      raise RuntimeError(f"tokenizer: {sent!r} contains an unknown token")
+    back = tok.decode(ids)
+    if back != sent:
+      raise RuntimeError(f"tokenizer: decode does not round-trip: {sent!r} -> {back!r}")
 
 
 def _benchmark_paths(out_dir: Path) -> dict[str, Path]:
-    paths = {split: out_dir / f"{split}.jsonl" for split in SPLITS}
-    paths["pretrain"] = out_dir / "pretrain.txt"
-    paths["tokenizer"] = out_dir / "tokenizer"
-    paths["world"] = out_dir / "world.json"
-    return paths
+  paths = {split: out_dir / f"{split}.jsonl" for split in SPLITS}
+  paths["pretrain"] = out_dir / "pretrain.txt"
+  paths["tokenizer"] = out_dir / "tokenizer"
+  paths["world"] = out_dir / "world.json"
+  return paths
 
 
 def _cache_is_valid(paths: dict[str, Path], cfg: WorldConfig) -> bool:
-    """True when every file exists and world.json records exactly ``cfg``."""
-    if not all(p.exists() for p in paths.values()):
-        return False
-    if not (paths["tokenizer"] / "tokenizer.json").is_file():
-        return False
-    try:
-        with open(paths["world"], encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
-    return saved.get("format_version") == _FORMAT_VERSION and saved.get("config") == config_to_dict(cfg)
+  """True when every file exists and world.json records exactly ``cfg``."""
+  if not all(p.exists() for p in paths.values()):
+    return False
+  if not (paths["tokenizer"] / "tokenizer.json").is_file():
+    return False
+  try:
+    with open(paths["world"], encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return False
+  return saved.get("format_version") == _FORMAT_VERSION and saved.get("config") == config_to_dict(cfg)
 
 
 def write_benchmark(out_dir: str | os.PathLike, cfg: WorldConfig = WorldConfig()) -> dict[str, Path]:
-    """Generate (or reuse) the benchmark for ``cfg`` in ``out_dir``.
+  """Generate (or reuse) the benchmark for ``cfg`` in ``out_dir``.
 
-    Writes ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (edit records),
-    ``pretrain.txt`` (every fact x every template, all splits),
-    ``tokenizer/`` and finally ``world.json``. If ``world.json`` already
-    records the same config and all files exist, nothing is rewritten.
-    Every file is written atomically, and world.json (the completion marker)
-    is removed first and written last, so an interrupted run is redone.
+  Writes ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (edit records),
+  ``pretrain.txt`` (every fact x every template, all splits),
+  ``tokenizer/`` and finally ``world.json``. If ``world.json`` already
+  records the same config and all files exist, nothing is rewritten.
+  Every file is written atomically, and world.json (the completion marker)
+  is removed first and written last, so an interrupted run is redone.
 
-    Returns {"train", "val", "test", "pretrain", "tokenizer", "world"} -> Path.
-    """
-    out_dir = Path(out_dir)
-    paths = _benchmark_paths(out_dir)
-    if _cache_is_valid(paths, cfg):
-        return paths
-
-    world = generate_world(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths["world"].unlink(missing_ok=True)  # invalidate before touching anything else
-
-    for split in SPLITS:
-        _atomic_write_text(paths[split], _jsonl(make_records(world, split)))
-    sentences = [fact_sentence(f.prompt, f.target) for f in iter_facts(world)]
-    _atomic_write_text(paths["pretrain"], "".join(s + "\n" for s in sentences))
-
-    # Directories cannot be os.replace'd over a non-empty one: build aside, swap.
-    tmp_tok = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tokenizer."))
-    try:
-        tok = train_tokenizer(paths["pretrain"], tmp_tok)
-        _check_tokenizer(tok, world, sentences)
-        os.chmod(tmp_tok, 0o755)  # mkdtemp makes 0700
-        if paths["tokenizer"].exists():
-            shutil.rmtree(paths["tokenizer"])
-        os.replace(tmp_tok, paths["tokenizer"])
-    finally:
-        if tmp_tok.exists():
-            shutil.rmtree(tmp_tok)
-
-    _atomic_write_text(paths["world"], json.dumps(world_to_json(world), indent=1, sort_keys=True) + "\n")
+  Returns {"train", "val", "test", "pretrain", "tokenizer", "world"} -> Path.
+  """
+  out_dir = Path(out_dir)
+  paths = _benchmark_paths(out_dir)
+  if _cache_is_valid(paths, cfg):
     return paths
+
+  world = generate_world(cfg)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths["world"].unlink(missing_ok=True)  # invalidate before touching anything else
+
+  for split in SPLITS:
+    _atomic_write_text(paths[split], _jsonl(make_records(world, split)))
+  sentences = [fact_sentence(f.prompt, f.target) for f in iter_facts(world)]
+  _atomic_write_text(paths["pretrain"], "".join(s + "\n" for s in sentences))
+
+  # Directories cannot be os.replace'd over a non-empty one: build aside, swap.
+  tmp_tok = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tokenizer."))
+  try:
+    tok = train_tokenizer(paths["pretrain"], tmp_tok)
+    _check_tokenizer(tok, world, sentences)
+    os.chmod(tmp_tok, 0o755)  # mkdtemp makes 0700
+    if paths["tokenizer"].exists():
+      shutil.rmtree(paths["tokenizer"])
+    os.replace(tmp_tok, paths["tokenizer"])
+  finally:
+    if tmp_tok.exists():
+      shutil.rmtree(tmp_tok)
+
+  _atomic_write_text(paths["world"], json.dumps(world_to_json(world), indent=1, sort_keys=True) + "\n")
+  return paths

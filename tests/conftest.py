@@ -1,0 +1,80 @@
+"""Tiny configs of every supported family, and batch builders, shared by the tests."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers as tf
+
+from mend_jax import models
+
+V = 50  # vocabulary of the tiny models
+# Llama/Mistral/Gemma/GPT-Neo/GPT-J build a max_position_embeddings^2 causal mask at setup: keep it small.
+TINY_CONFIGS = {
+    "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_positions=32, n_embd=16, n_layer=4, n_head=2),
+    "gpt_neo": lambda: tf.GPTNeoConfig(vocab_size=V, max_position_embeddings=32, hidden_size=16, num_layers=4,
+                                       num_heads=2, attention_types=[[["global", "local"], 2]], window_size=8),
+    "gptj": lambda: tf.GPTJConfig(vocab_size=V, n_positions=32, n_embd=16, n_layer=4, n_head=2, rotary_dim=4),
+    "t5": lambda: tf.T5Config(vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=3, num_heads=2,
+                              decoder_start_token_id=0, pad_token_id=0),
+    "t5_gated": lambda: tf.T5Config(vocab_size=V, d_model=16, d_kv=8, d_ff=32, num_layers=3, num_heads=2,
+                                    feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0),
+    "bart": lambda: tf.BartConfig(vocab_size=V, d_model=16, encoder_layers=3, decoder_layers=3,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                  decoder_ffn_dim=32, max_position_embeddings=32),
+    "bert": lambda: tf.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32, num_labels=1),
+    "llama": lambda: tf.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32),
+    "mistral": lambda: tf.MistralConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                        sliding_window=None),
+    "gemma": lambda: tf.GemmaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                    max_position_embeddings=32, hidden_activation="gelu_pytorch_tanh"),
+}
+FAMILY_NAMES = tuple(TINY_CONFIGS)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(name: str, seed: int = 0) -> models.EditableModel:
+  return models.model_from_config(TINY_CONFIGS[name](), seed=seed)
+
+
+def make_batch(model: models.EditableModel, seed: int = 0, batch: int = 2, length: int = 8,
+               n_labels: int = 3, pad: int = 0) -> dict:
+  """A random edit batch: the last n_labels real tokens are scored; `pad` extra right-padding
+  positions (attention 0, label -100) are appended to every sequence."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1, V, size=(batch, length)).astype(np.int32)
+
+  def padded(x, fill):
+    return np.concatenate([x, np.full((x.shape[0], pad), fill, x.dtype)], 1) if pad else x
+
+  mask = np.ones_like(ids)
+  if model.task == "binary":
+    return dict(input_ids=jnp.asarray(padded(ids, 0)), attention_mask=jnp.asarray(padded(mask, 0)),
+                labels=jnp.asarray(rng.integers(0, 2, size=(batch,)).astype(np.int32)))
+  if model.task == "seq2seq":
+    dec = rng.integers(1, V, size=(batch, n_labels + 1)).astype(np.int32)
+    labels = np.concatenate([dec[:, 1:], np.full((batch, 1), -100, np.int32)], 1)
+    return dict(input_ids=jnp.asarray(padded(ids, 0)), attention_mask=jnp.asarray(padded(mask, 0)),
+                decoder_input_ids=jnp.asarray(padded(dec, 0)),
+                decoder_attention_mask=jnp.asarray(padded(np.ones_like(dec), 0)),
+                labels=jnp.asarray(padded(labels, -100)))
+  labels = np.where(np.arange(length)[None] >= length - n_labels, ids, -100).astype(np.int32)
+  return dict(input_ids=jnp.asarray(padded(ids, 0)), attention_mask=jnp.asarray(padded(mask, 0)),
+              labels=jnp.asarray(padded(labels, -100)))
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family_model(request):
+  return tiny_model(request.param)
