@@ -7,7 +7,8 @@ Core API:
   new_params, info = editor.jit_edit(state, model.params, batch)
 """
 
-from mend_jax.capture import Capture, capture, rank1_sum, token_mask
+from mend_jax import capture  # the module: capture.capture(model, params, batch)
+from mend_jax.capture import Capture, rank1_sum, token_mask
 from mend_jax.editor import EditorConfig
 from mend_jax.mend import MEND, EditorState, check_batch
 from mend_jax.models import FAMILIES, EditableModel, Layer, load_model, model_from_config

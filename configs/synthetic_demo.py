@@ -1,0 +1,35 @@
+"""Offline demo: MEND on the synthetic world with a tiny GPT-2 the project pretrains itself.
+
+Run (from a fresh clone, no network):   make demo
+  = python scripts/train.py --workdir runs/demo            (this config is the default)
+Override any field:  --config.train.max_steps=500  --config.editor.rank=64
+What it does: generates the world and its edit/paraphrase/locality splits (disjoint subjects),
+pretrains the base model until it knows its facts (cached under cache_dir), trains MEND on the
+train split, keeps the best checkpoint by validation loss, evaluates it on the held-out test edits
+(runs/demo/results.json) and shows one edit before/after.
+Expected (see docs/results.md): edit success on paraphrases >= 0.9, locality drawdown <= 0.02.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from mend_jax.editor import EditorConfig
+from mend_jax.train import TrainConfig
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = "synthetic"
+  c.cache_dir = "cache/synthetic"
+  c.world = ml_collections.ConfigDict({"seed": 0})  # WorldConfig overrides
+  c.pretrain = ml_collections.ConfigDict({"seed": 0})  # PretrainConfig overrides
+  c.model = ml_collections.ConfigDict({"name_or_path": "", "editable": ()})  # "" = the pretrained synthetic model
+  c.data = ml_collections.ConfigDict({"max_len": 24})
+  c.editor = ml_collections.ConfigDict(dataclasses.asdict(EditorConfig(rank=1920)))
+  c.train = ml_collections.ConfigDict(dataclasses.asdict(TrainConfig(
+      lr=1e-3, lr_lr=1e-3, max_steps=2000, n_edits=4, n_loc=8, accumulate=1, val_every=250,
+      n_val=64, patience=4, log_every=25, ckpt_every=250)))
+  c.eval = ml_collections.ConfigDict({"n_test": -1, "k": 1, "show_edit": True})
+  return c

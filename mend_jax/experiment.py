@@ -1,0 +1,173 @@
+"""From a config to a trained, evaluated, saved editor: what the command-line scripts call.
+
+Config layout (see configs/synthetic_demo.py): seed, task, cache_dir, world, pretrain, model
+(name_or_path, editable), data (max_len), editor (EditorConfig fields), train (TrainConfig fields),
+eval (n_test, k, show_edit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+
+from mend_jax import checkpoint as ckpt_lib
+from mend_jax import evaluate as eval_lib
+from mend_jax import train as train_lib
+from mend_jax.data import EditData
+from mend_jax.editor import EditorConfig
+from mend_jax.mend import MEND
+from mend_jax.models import EditableModel, load_model
+
+TASKS = ("synthetic",)
+
+
+@dataclasses.dataclass
+class Task:
+  model: EditableModel
+  tokenizer: Any
+  train: EditData
+  val: EditData
+  test: EditData
+
+
+def build_dataclass(cls, overrides: Mapping, name: str):
+  """cls(**overrides) with a clear error naming unknown keys."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"unknown config key(s) {[f'{name}.{k}' for k in unknown]}; "
+                     f"{name} accepts {sorted(fields)}")
+  return cls(**dict(overrides))
+
+
+def _plain(cfg) -> dict:
+  return json.loads(cfg.to_json()) if hasattr(cfg, "to_json") else json.loads(json.dumps(cfg))
+
+
+def prepare(config) -> Task:
+  """Builds (and caches) the data and base model that `config` names."""
+  if config.task not in TASKS:
+    raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
+  from mend_jax import pretrain as pretrain_lib
+  from mend_jax import synthetic
+
+  cache = os.path.abspath(config.cache_dir)
+  world_cfg = build_dataclass(synthetic.WorldConfig, config.world, "world")
+  paths = synthetic.write_benchmark(os.path.join(cache, "data"), world_cfg)
+  data_dir = os.path.dirname(str(paths["train"]))
+  model_dir = config.model.name_or_path
+  if not model_dir:
+    pcfg = build_dataclass(pretrain_lib.PretrainConfig, config.pretrain, "pretrain")
+    model_dir = str(pretrain_lib.pretrain(data_dir, os.path.join(cache, "model"), pcfg))
+  import transformers
+
+  editable = tuple(config.model.editable) or None
+  model = load_model(model_dir, editable=editable)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+  max_len = int(config.data.max_len)
+  if model.max_length is not None and max_len > model.max_length:
+    raise ValueError(f"data.max_len={max_len} exceeds the model's context of {model.max_length}")
+  split = lambda s: EditData.from_records(synthetic.load_records(paths[s]), tokenizer, max_len, name=str(paths[s]))
+  return Task(model, tokenizer, split("train"), split("val"), split("test"))
+
+
+def make_editor(config, model: EditableModel) -> MEND:
+  return MEND(model, build_dataclass(EditorConfig, config.editor, "editor"))
+
+
+def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
+  """Trains an editor (resuming from workdir if a checkpoint is there), evaluates the best one on
+  the test split, writes workdir/results.json and returns the results."""
+  t0 = time.time()
+  tcfg = build_dataclass(train_lib.TrainConfig, config.train, "train")
+  task = prepare(config)
+  editor = make_editor(config, task.model)
+  print(f"base model: {task.model.family.name}, editing {len(task.model.layers)} layers "
+        f"{[l.path for l in task.model.layers]}; editor parameters: "
+        f"{editor.num_params(editor.init(jax.random.PRNGKey(0))):,}")
+  _, summary = train_lib.fit(editor, tcfg, task.model.params, task.train, task.val, workdir,
+                             seed=int(config.seed), meta={"config": _plain(config)}, progress=progress)
+  results = evaluate_workdir(config, workdir, task=task)
+  results.update(summary)
+  results["total_time_s"] = time.time() - t0
+  write_results(workdir, results)
+  try:
+    plot_metrics(workdir)
+  except Exception as e:  # a plot is a convenience; never lose the results over it
+    print(f"(could not plot metrics: {e})")
+  if config.eval.show_edit:
+    show_edit(workdir, task, task.test.records[0])
+  return results
+
+
+def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str = "test",
+                     k: int | None = None) -> dict:
+  task = task or prepare(config)
+  loaded = ckpt_lib.load_editor(workdir, task.model)
+  data = getattr(task, split)
+  n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
+  res = eval_lib.evaluate(loaded.mend, loaded.state, task.model.params, data, n_edits=n,
+                          k=int(k or config.eval.k))
+  res["split"] = split
+  res["checkpoint_step"] = int(loaded.meta.get("step", -1))
+  print("results on %s: %s" % (split, ", ".join(
+      f"{key}={res[key]:.4f}" for key in ("edit_success", "reliability", "locality_acc_pre",
+                                          "locality_acc_post", "locality_drawdown", "time_per_edit_s"))))
+  return res
+
+
+def write_results(workdir: str, results: Mapping) -> str:
+  path = os.path.join(workdir, "results.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(dict(results), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path
+
+
+def plot_metrics(workdir: str) -> str:
+  """workdir/curves.png: training loss, edit success and locality agreement against step."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_rows = [r for r in rows if "loss" in r]
+  val_rows = [r for r in rows if "val/loss" in r]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+  for ax, key, title in zip(axes, ("loss", "edit_success", "loc_agree"),
+                            ("loss", "edit success (paraphrase)", "locality agreement")):
+    ax.plot([r["step"] for r in train_rows], [r[key] for r in train_rows], label="train")
+    ax.plot([r["step"] for r in val_rows], [r["val/" + key] for r in val_rows], "o-", label="validation")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.legend()
+  fig.tight_layout()
+  out = os.path.join(workdir, "curves.png")
+  fig.savefig(out, dpi=80)
+  plt.close(fig)
+  return out
+
+
+def show_edit(workdir: str, task: Task, record: Mapping, loaded=None) -> dict:
+  """Applies one edit (record's src -> alt) and prints greedy answers before and after."""
+  loaded = loaded or ckpt_lib.load_editor(workdir, task.model)
+  model, tok = task.model, task.tokenizer
+  one = EditData.from_records([record], tok, task.train.edit.input_ids.shape[1], name="edit")
+  new_params, info = loaded.edit(model.params, one.edit.take([0]))
+  prompts = [("edit prompt", record["src"]), ("paraphrase", record["rephrase"]), ("unrelated", record["loc"])]
+  out = {"target": record["alt"], "rows": []}
+  print(f"\nEdit: {record['src']!r} -> {record['alt']!r}   (loss before {float(info['loss_before']):.3f})")
+  print(f"{'':12s} {'prompt':45s} {'before':>12s} {'after':>12s}")
+  for name, p in prompts:
+    before = eval_lib.greedy_answer(model, model.params, tok, p)
+    after = eval_lib.greedy_answer(model, new_params, tok, p)
+    out["rows"].append({"kind": name, "prompt": p, "before": before, "after": after})
+    print(f"{name:12s} {p[:45]:45s} {before:>12s} {after:>12s}")
+  return out
