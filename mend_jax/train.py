@@ -10,6 +10,7 @@ finite changes nothing (params, optimizer state, statistics) and is counted in `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -108,11 +109,13 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def make_train_step(editor: MEND, cfg: TrainConfig, tx: optax.GradientTransformation,
-                    fault: Callable | None = None):
+@functools.lru_cache(maxsize=32)
+def make_train_step(editor: MEND, cfg: TrainConfig, fault: Callable | None = None):
   """One jitted micro-step (state, base_params, batch) -> (state, metrics), donating the state.
+  Cached per (editor, config), so repeated `fit` calls in one process compile once.
 
   `fault(loss, step)` lets a test inject a non-finite loss."""
+  tx = make_optimizer(cfg)
 
   def step_fn(state: TrainState, base_params, batch):
     def loss_fn(p):
@@ -139,6 +142,7 @@ def make_train_step(editor: MEND, cfg: TrainConfig, tx: optax.GradientTransforma
   return jax.jit(step_fn, donate_argnums=(0,))
 
 
+@functools.lru_cache(maxsize=32)
 def make_eval_step(editor: MEND, cfg: TrainConfig):
   """Jitted validation loss/metrics of a batch with frozen statistics."""
 
@@ -193,7 +197,7 @@ def fit(editor: MEND, cfg: TrainConfig, base_params, train: EditData, val: EditD
   best_val = extra.get("best_val", float("inf"))
   bad_vals = extra.get("bad_vals", 0)
   start = int(state.step)
-  train_step = make_train_step(editor, cfg, tx, fault)
+  train_step = make_train_step(editor, cfg, fault)
   eval_step = make_eval_step(editor, cfg)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   t0 = time.time()

@@ -11,11 +11,10 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from scripts import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", common.DEFAULT_CONFIG, "experiment config file")
+_CONFIG = common.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "work directory (checkpoints, metrics, results)", required=True)
 
 
@@ -27,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)
