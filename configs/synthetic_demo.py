@@ -29,7 +29,8 @@ def get_config():
   c.data = ml_collections.ConfigDict({"max_len": 24})
   c.editor = ml_collections.ConfigDict(dataclasses.asdict(EditorConfig(rank=1920)))
   c.train = ml_collections.ConfigDict(dataclasses.asdict(TrainConfig(
-      lr=1e-3, lr_lr=1e-3, max_steps=2000, n_edits=4, n_loc=8, accumulate=1, val_every=250,
-      n_val=64, patience=4, log_every=25, ckpt_every=250)))
+      # One edit per micro-batch (as evaluated), 5 micro-batches per Adam update.
+      lr=3e-4, lr_lr=1e-3, max_steps=4000, n_edits=1, n_loc=4, accumulate=5, val_every=500,
+      n_val=64, patience=3, log_every=25, ckpt_every=250)))
   c.eval = ml_collections.ConfigDict({"n_test": -1, "k": 1, "show_edit": True})
   return c
