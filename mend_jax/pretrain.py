@@ -49,24 +49,34 @@ DONE_FILE = "pretrain_done.json"
 
 @dataclass(frozen=True)
 class PretrainConfig:
-  """Model size and optimisation schedule (defaults: ~1.5 min on 2 CPU cores).
+  """Model size and optimisation schedule.
+
+  The defaults learn every fact of the default world (teacher-forced accuracy
+  ~1.0, with and without bos) in about 1-1.5 minutes on 2 CPU cores.
+  Memorisation shows a sharp jump late in training, so there is little
+  warning before it fails: measured on the default world, 2 layers with
+  drop_bos_prob=0.5 reach 0.91 at 2000 steps and 1.0 at 3000; with
+  drop_bos_prob=0 they reach 1.0 by 1500 steps but only ~0.89 without bos;
+  0.2 at 2400 steps gets 1.0 both ways. A 4-layer model costs twice as much
+  per step and was far from done at the same budget, hence 2 layers.
 
   n_positions must cover the longest sentence plus bos. drop_bos_prob: the
-  share of training examples fed without the leading bos token.
+  share of training examples fed without the leading bos token, so that the
+  model also answers a bare prompt starting at position 0.
   """
 
-  n_layer: int = 4
+  n_layer: int = 2
   n_embd: int = 128
   n_head: int = 4
   n_positions: int = 32
-  batch_size: int = 128
-  steps: int = 1500
-  learning_rate: float = 2e-3
+  batch_size: int = 64
+  steps: int = 2400
+  learning_rate: float = 3e-3
   warmup_steps: int = 100
   end_lr_fraction: float = 0.05  # cosine decays to this share of the peak
   weight_decay: float = 0.01
   grad_clip: float = 1.0
-  drop_bos_prob: float = 0.5
+  drop_bos_prob: float = 0.2
   eval_batch_size: int = 512
   seed: int = 0
 
@@ -79,7 +89,8 @@ def _validate(cfg: PretrainConfig) -> None:
   if cfg.n_embd % cfg.n_head:
     raise ValueError(f"PretrainConfig.n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
   if not 0 <= cfg.warmup_steps < cfg.steps:
-    raise ValueError(f"PretrainConfig.warmup_steps={cfg.warmup_steps}: need 0 <= warmup_steps < steps={cfg.steps}")
+    raise ValueError(
+      f"PretrainConfig.warmup_steps={cfg.warmup_steps}: need 0 <= warmup_steps < steps={cfg.steps}")
   if not 0.0 <= cfg.drop_bos_prob <= 1.0:
     raise ValueError(f"PretrainConfig.drop_bos_prob={cfg.drop_bos_prob}: need in [0, 1]")
   if cfg.learning_rate <= 0:
@@ -91,7 +102,8 @@ def _validate(cfg: PretrainConfig) -> None:
 # ---------------------------------------------------------------------------
 
 
-def encode_texts(tok, texts: Sequence[str], seq_len: int, add_bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def encode_texts(tok, texts: Sequence[str], seq_len: int,
+                 add_bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Tokenize and right-pad ``texts``.
 
   Returns (input_ids [N, seq_len] int32, attention_mask [N, seq_len] int32);
@@ -105,7 +117,8 @@ def encode_texts(tok, texts: Sequence[str], seq_len: int, add_bos: bool = True) 
   for i, row in enumerate(enc):
     row = prefix + row
     if len(row) > seq_len:
-      raise ValueError(f"text {texts[i]!r} has {len(row)} tokens (with bos={add_bos}), more than seq_len={seq_len}")
+      raise ValueError(
+        f"text {texts[i]!r} has {len(row)} tokens (with bos={add_bos}), more than seq_len={seq_len}")
     ids[i, :len(row)] = row
     mask[i, :len(row)] = 1
   return ids, mask
@@ -227,7 +240,7 @@ def fact_accuracy(model, params, tok, world: synthetic.World, seq_len: int, add_
   target = ids[np.arange(len(ids)), lengths - 1]
 
   @jax.jit
-  def predict(ids_b, mask_b, pos_b):
+  def predict(params, ids_b, mask_b, pos_b):  # params as an argument, not baked in as constants
     logits = _forward(model, params, ids_b, mask_b)
     return jnp.argmax(logits[jnp.arange(ids_b.shape[0]), pos_b], axis=-1)
 
@@ -241,7 +254,7 @@ def fact_accuracy(model, params, tok, world: synthetic.World, seq_len: int, add_
       b_ids = np.concatenate([b_ids, np.repeat(b_ids[:1], pad, axis=0)])
       b_mask = np.concatenate([b_mask, np.repeat(b_mask[:1], pad, axis=0)])
       b_pos = np.concatenate([b_pos, np.repeat(b_pos[:1], pad, axis=0)])
-    preds.append(np.asarray(predict(b_ids, b_mask, b_pos))[:n])
+    preds.append(np.asarray(predict(params, b_ids, b_mask, b_pos))[:n])
   correct = np.concatenate(preds) == target
 
   split_of = {s: name for name, subs in world.splits.items() for s in subs}
@@ -261,6 +274,7 @@ def fact_accuracy(model, params, tok, world: synthetic.World, seq_len: int, add_
 
 
 def _read_done(out_dir: Path) -> dict | None:
+  """The finished-run marker of ``out_dir``, or None if absent or unreadable."""
   try:
     with open(out_dir / DONE_FILE, encoding="utf-8") as f:
       return json.load(f)
@@ -269,6 +283,7 @@ def _read_done(out_dir: Path) -> dict | None:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
+  """Write ``obj`` as JSON via a temp file + os.replace, so readers never see half a file."""
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -297,7 +312,8 @@ def pretrain(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pretr
   data_dir, out_dir = Path(data_dir), Path(out_dir)
   for need in ("pretrain.txt", "world.json", "tokenizer/tokenizer.json"):
     if not (data_dir / need).is_file():
-      raise FileNotFoundError(f"{data_dir / need} not found; run synthetic.write_benchmark({str(data_dir)!r}) first")
+      raise FileNotFoundError(
+        f"{data_dir / need} not found; run synthetic.write_benchmark({str(data_dir)!r}) first")
   fingerprint = _fingerprint(data_dir)
   cfg_dict = dataclasses.asdict(cfg)
   done = _read_done(out_dir)
@@ -342,7 +358,8 @@ def pretrain(data_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pretr
   losses = np.asarray(jax.device_get(losses), dtype=np.float64)
   train_seconds = time.perf_counter() - t0
   if not np.all(np.isfinite(losses)):
-    raise FloatingPointError(f"pretraining diverged: non-finite loss at step {int(np.argmin(np.isfinite(losses)))}")
+    bad = int(np.argmin(np.isfinite(losses)))
+    raise FloatingPointError(f"pretraining diverged: non-finite loss at step {bad}; lower learning_rate")
 
   t1 = time.perf_counter()
   acc = fact_accuracy(model, params, tok, world, seq_len, add_bos=True, batch_size=cfg.eval_batch_size)
@@ -379,5 +396,6 @@ def load_pretrained(model_dir: str | os.PathLike):
 
   model_dir = Path(model_dir)
   if not (model_dir / DONE_FILE).is_file():
-    raise FileNotFoundError(f"{model_dir / DONE_FILE} not found: {model_dir} holds no finished pretrained model")
+    raise FileNotFoundError(
+      f"{model_dir / DONE_FILE} not found: {model_dir} holds no finished pretrained model")
   return FlaxGPT2LMHeadModel.from_pretrained(str(model_dir)), AutoTokenizer.from_pretrained(str(model_dir))

@@ -168,6 +168,11 @@ def _validate_config(cfg: WorldConfig) -> None:
       f"WorldConfig.n_objects_per_relation={cfg.n_objects_per_relation}: need >= 2 so that an edit "
       "target can differ from the true object"
     )
+  if cfg.n_subjects < cfg.n_objects_per_relation:
+    raise ValueError(
+      f"WorldConfig.n_subjects={cfg.n_subjects} < n_objects_per_relation={cfg.n_objects_per_relation}: "
+      "every object must be the true value of some subject, so that pretraining sees it"
+    )
   if not cfg.relations:
     raise ValueError("WorldConfig.relations is empty")
   names = [r.name for r in cfg.relations]
@@ -286,7 +291,8 @@ def _make_unique_words(rng: random.Random, n: int, taken: set[str], min_syl: int
   return out
 
 
-def _split_subjects(rng: random.Random, subjects: Sequence[str], fractions: Sequence[float]) -> dict[str, tuple[str, ...]]:
+def _split_subjects(rng: random.Random, subjects: Sequence[str],
+                    fractions: Sequence[float]) -> dict[str, tuple[str, ...]]:
   """Shuffle and cut ``subjects`` into disjoint train/val/test, each >= 2 long."""
   order = list(subjects)
   rng.shuffle(order)
@@ -303,11 +309,25 @@ def _split_subjects(rng: random.Random, subjects: Sequence[str], fractions: Sequ
   }
 
 
+def _balanced_assignment(rng: random.Random, pool: Sequence[str], n: int) -> list[str]:
+  """``n`` draws from ``pool`` in random order, each object used n//k or n//k+1 times.
+
+  Balanced rather than i.i.d. so that every object is some subject's true
+  value: it then appears in pretrain.txt, gets a token and a trained
+  embedding, and is a fair edit target. Needs n >= len(pool).
+  """
+  k = len(pool)
+  draws = list(pool) * (n // k) + rng.sample(list(pool), n % k)
+  rng.shuffle(draws)
+  return draws
+
+
 def generate_world(cfg: WorldConfig = WorldConfig()) -> World:
   """Build the world described by ``cfg``; deterministic in ``cfg``.
 
   All randomness comes from one ``random.Random(cfg.seed)``, consumed in a
-  fixed order (objects, subjects, facts, splits), never global state.
+  fixed order (objects, subjects, facts, splits), never global state. Every
+  object of a pool is the true value of at least one subject.
   """
   _validate_config(cfg)
   rng = random.Random(cfg.seed)
@@ -324,7 +344,10 @@ def generate_world(cfg: WorldConfig = WorldConfig()) -> World:
       subjects.append(" ".join(_make_unique_words(rng, 2, taken, 1, 2)))
     else:
       subjects.extend(_make_unique_words(rng, 1, taken, 2, 3))
-  facts = {s: {rel.name: rng.choice(objects[rel.name]) for rel in cfg.relations} for s in subjects}
+  facts: dict[str, dict[str, str]] = {s: {} for s in subjects}
+  for rel in cfg.relations:
+    for s, obj in zip(subjects, _balanced_assignment(rng, objects[rel.name], len(subjects))):
+      facts[s][rel.name] = obj
   splits = _split_subjects(rng, subjects, cfg.split_fractions)
   return World(config=cfg, objects=objects, subjects=tuple(subjects), facts=facts, splits=splits)
 
@@ -504,7 +527,8 @@ def train_tokenizer(pretrain_path: str | os.PathLike, out_dir: str | os.PathLike
   # WordPiece's decoder joins tokens with spaces and then, token by token,
   # drops the space before "?", ",", "'s", ... so decoded text reads like the input.
   tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-  trainer = trainers.WordLevelTrainer(special_tokens=[EOS_TOKEN, UNK_TOKEN], min_frequency=1, show_progress=False)
+  trainer = trainers.WordLevelTrainer(
+    special_tokens=[EOS_TOKEN, UNK_TOKEN], min_frequency=1, show_progress=False)
   tok.train([str(pretrain_path)], trainer)
   fast = PreTrainedTokenizerFast(
     tokenizer_object=tok,

@@ -41,7 +41,8 @@ def test_same_seed_gives_identical_files(tmp_path):
   b = synthetic.write_benchmark(tmp_path / "b", TINY)
   fa, fb = _all_files(tmp_path / "a"), _all_files(tmp_path / "b")
   assert set(fa) == set(fb)
-  assert {"train.jsonl", "val.jsonl", "test.jsonl", "pretrain.txt", "world.json", "tokenizer/tokenizer.json"} <= set(fa)
+  expected = {"train.jsonl", "val.jsonl", "test.jsonl", "pretrain.txt", "world.json", "tokenizer/tokenizer.json"}
+  assert expected <= set(fa)
   for name in fa:
     assert fa[name] == fb[name], name
   assert set(a) == set(b) == {"train", "val", "test", "pretrain", "tokenizer", "world"}
@@ -66,6 +67,9 @@ def test_generate_world_shapes():
   for s in w.subjects:
     assert set(w.facts[s]) == {r.name for r in TINY.relations}
     assert all(w.facts[s][r] in w.objects[r] for r in w.facts[s])
+  # Every object is somebody's true value, so pretraining sees (and tokenizes) it.
+  for rel in TINY.relations:
+    assert {w.facts[s][rel.name] for s in w.subjects} == set(w.objects[rel.name])
   # No invented word is shared between pools or with a subject.
   words = [o for pool in w.objects.values() for o in pool] + [x for s in w.subjects for x in s.split()]
   assert len({x.lower() for x in words}) == len(words)
