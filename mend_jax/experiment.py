@@ -163,11 +163,12 @@ def show_edit(workdir: str, task: Task, record: Mapping, loaded=None) -> dict:
   new_params, info = loaded.edit(model.params, one.edit.take([0]))
   prompts = [("edit prompt", record["src"]), ("paraphrase", record["rephrase"]), ("unrelated", record["loc"])]
   out = {"target": record["alt"], "rows": []}
+  n_new = max(1, len(tok.encode(" " + record["alt"].strip(), add_special_tokens=False)))
   print(f"\nEdit: {record['src']!r} -> {record['alt']!r}   (loss before {float(info['loss_before']):.3f})")
   print(f"{'':12s} {'prompt':45s} {'before':>12s} {'after':>12s}")
   for name, p in prompts:
-    before = eval_lib.greedy_answer(model, model.params, tok, p)
-    after = eval_lib.greedy_answer(model, new_params, tok, p)
+    before = eval_lib.greedy_answer(model, model.params, tok, p, max_new_tokens=n_new)
+    after = eval_lib.greedy_answer(model, new_params, tok, p, max_new_tokens=n_new)
     out["rows"].append({"kind": name, "prompt": p, "before": before, "after": after})
     print(f"{name:12s} {p[:45]:45s} {before:>12s} {after:>12s}")
   return out

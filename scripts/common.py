@@ -49,3 +49,15 @@ def define_config_flag():
     bad = [a for a in sys.argv[1:] if a.startswith("--config")]
     print(f"error: bad config override {bad}: {e} (unknown key or wrong type)", file=sys.stderr)
     sys.exit(2)
+
+
+def stored_config(workdir: str):
+  """The experiment config saved with the checkpoint in `workdir`."""
+  import ml_collections
+
+  from mend_jax import checkpoint
+
+  meta = checkpoint.read_meta(workdir)
+  if "config" not in meta:
+    raise ValueError(f"checkpoint in {workdir!r} has no stored experiment config")
+  return ml_collections.ConfigDict(meta["config"])
