@@ -82,16 +82,21 @@ def _prep_loc(batch, kl_positions):
 
 
 def edit_loss(editor: MEND, cfg: TrainConfig, editor_params, stats, base_params, batch,
-              base_loc_logits=None):
-  """Training loss and metrics for one micro-batch {"edit", "equiv", "loc"}. Returns
-  (loss, (new_stats, metrics))."""
+              update_stats: bool = True):
+  """Loss and metrics for one micro-batch {"edit", "equiv", "loc"}. Returns
+  (loss, (new_stats, metrics)). Training absorbs the edit batch into the normalisation statistics
+  before editing (as the official code); validation (update_stats=False) keeps them frozen."""
   model = editor.model
-  new_params, new_stats, info = editor.edit_for_training(editor_params, stats, base_params, batch["edit"])
+  if update_stats:
+    new_params, new_stats, info = editor.edit_for_training(editor_params, stats, base_params, batch["edit"])
+  else:
+    cap = capture_lib.capture(model, base_params, batch["edit"])
+    new_params, info = editor.apply_updates(editor_params, stats, base_params, cap)
+    new_stats = stats
   eq_logits = model.logits(new_params, batch["equiv"])
   l_edit = losses.nll(model.task, eq_logits, batch["equiv"])
   loc = _prep_loc(batch["loc"], cfg.kl_positions)
-  if base_loc_logits is None:
-    base_loc_logits = jax.lax.stop_gradient(model.logits(base_params, loc))
+  base_loc_logits = jax.lax.stop_gradient(model.logits(base_params, loc))
   post_loc_logits = model.logits(new_params, loc)
   l_loc = losses.locality_kl(model.task, base_loc_logits, post_loc_logits, loc)
   loss = cfg.c_edit * l_edit + cfg.c_loc * l_loc
@@ -147,20 +152,8 @@ def make_eval_step(editor: MEND, cfg: TrainConfig):
   """Jitted validation loss/metrics of a batch with frozen statistics."""
 
   def eval_fn(params, stats, base_params, batch):
-    model = editor.model
-    new_params, info = editor.apply_updates(
-        params, stats, base_params, capture_lib.capture(model, base_params, batch["edit"]))
-    eq_logits = model.logits(new_params, batch["equiv"])
-    loc = _prep_loc(batch["loc"], cfg.kl_positions)
-    base_loc, post_loc = model.logits(base_params, loc), model.logits(new_params, loc)
-    l_edit = losses.nll(model.task, eq_logits, batch["equiv"])
-    l_loc = losses.locality_kl(model.task, base_loc, post_loc, loc)
-    return {
-        "loss": cfg.c_edit * l_edit + cfg.c_loc * l_loc, "loss_edit": l_edit, "loss_loc": l_loc,
-        "edit_success": jnp.mean(losses.exact_match(model.task, eq_logits, batch["equiv"])),
-        "loc_agree": jnp.mean(losses.exact_match(model.task, post_loc, batch["loc"])
-                              == losses.exact_match(model.task, base_loc, batch["loc"])),
-    }
+    _, (_, metrics) = edit_loss(editor, cfg, params, stats, base_params, batch, update_stats=False)
+    return metrics
 
   return jax.jit(eval_fn)
 
@@ -232,7 +225,7 @@ def fit(editor: MEND, cfg: TrainConfig, base_params, train: EditData, val: EditD
         bar.write(f"step {step}: val loss {vm['val/loss']:.4f} edit success {vm['val/edit_success']:.3f} "
                   f"loc agree {vm['val/loc_agree']:.3f}{' (best)' if improved else ''}")
         mngr.save_latest(step, state, {"best_val": best_val, "bad_vals": bad_vals})
-        if bad_vals >= cfg.patience:
+        if bad_vals >= cfg.patience and step < cfg.max_steps:
           stopped_early = True
           break
       elif step % cfg.ckpt_every == 0:
