@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mend_jax.editor import EditorConfig
-from mend_jax.mend import MEND, EditorState
+from mend_jax.mend import MEND, EditorState, check_batch
 from mend_jax.models import EditableModel
 
 
@@ -129,6 +129,8 @@ class LoadedEditor:
   meta: dict
 
   def edit(self, params, batch, diagnostics: bool = False):
+    """Checks the batch on the host (clear errors), then runs the jitted edit."""
+    check_batch(self.mend.model, batch)
     return self.mend.jit_edit(self.state, params, batch, diagnostics=diagnostics)
 
 

@@ -7,6 +7,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import make_batch, tiny_model
+from mend_jax import capture
 from mend_jax import editor as editor_lib
 from mend_jax import losses
 from mend_jax import stats as stats_lib
@@ -100,7 +101,7 @@ def test_extra_right_padding_gives_the_same_edit(name):
   ed = MEND(model, EditorConfig(rank=8, edit_lr=1e-2))
   state = _randomize_net(ed.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
   # Non-trivial statistics, gathered from another batch.
-  stats = ed.update_stats(state.stats, jax.jit(lambda p, b: __import__("mend_jax").capture.capture(model, p, b))(
+  stats = ed.update_stats(state.stats, jax.jit(lambda p, b: capture.capture(model, p, b))(
       model.params, make_batch(model, seed=8, batch=4)))
   state = state._replace(stats=stats)
   a, _ = ed.jit_edit(state, model.params, make_batch(model, seed=9))
@@ -135,7 +136,6 @@ def test_edit_stats_pool_the_layers_of_one_editor():
   ed = MEND(model, EditorConfig(rank=4))
   assert [g.key for g in ed.groups] == ["16x64", "64x16"]
   assert [len(g.layer_ids) for g in ed.groups] == [3, 3]
-  from mend_jax import capture
   batch = make_batch(model, seed=10)
   cap = jax.jit(lambda p, b: capture.capture(model, p, b))(model.params, batch)
   st = ed.update_stats(ed.init(jax.random.PRNGKey(0)).stats, cap)

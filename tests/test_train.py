@@ -1,6 +1,5 @@
 """Training loop, checkpoints and their failure modes, on a tiny synthetic world and a tiny GPT-2."""
 
-import json
 import os
 import subprocess
 import sys
@@ -34,11 +33,6 @@ def setup(tmp_path_factory):
   recs = synthetic.load_records(paths["train"])
   data = data_lib.EditData.from_records(recs, tok, 24)
   return dict(root=root, paths=paths, tok=tok, model=model, data=data, editor=MEND(model, EditorConfig(rank=8)))
-
-
-def _flat(tree):
-  return {"/".join(map(str, k)): np.asarray(v) for k, v in
-          traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, tree._asdict() if hasattr(tree, "_asdict") else tree)).items()}
 
 
 def _leaves(state):
@@ -124,6 +118,10 @@ def test_checkpoint_for_other_layers_or_model_is_refused(setup, tmp_path):
     ckpt_lib.load_editor(str(wd), bart)
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     ckpt_lib.load_editor(str(tmp_path / "nothing"), m)
+  loaded = ckpt_lib.load_editor(str(wd), m)
+  empty = {**d.edit.take([0]), "labels": np.full((1, 24), -100, np.int32)}
+  with pytest.raises(ValueError, match="edit target is empty"):
+    loaded.edit(m.params, empty)
 
 
 def test_bad_data_inputs_are_clear_errors(setup):
@@ -147,3 +145,32 @@ def test_train_script_rejects_unknown_config_key_without_traceback():
                      cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode != 0
   assert "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_matches_a_brute_force_check_when_alpha_is_zero(setup):
+  """With alpha = 0 the edited model is the base model, so each metric must equal a direct
+  argmax check of the base model, and the drawdown must be exactly 0."""
+  from mend_jax import evaluate as eval_lib
+
+  ed, m, d = setup["editor"], setup["model"], setup["data"]
+  state = ed.init(jax.random.PRNGKey(0))
+  state = state._replace(params={**state.params, "alpha": jnp.zeros_like(state.params["alpha"])})
+  n = 6
+  res = eval_lib.evaluate(ed, state, m.params, d, n_edits=n, k=1)
+  fwd = jax.jit(lambda b: m.logits(m.params, b))
+
+  def success(view):
+    hits = []
+    for i in range(n):
+      row = view.take([i])
+      pred = np.asarray(fwd(row))[0].argmax(-1)
+      lab = row["labels"][0]
+      pos = np.nonzero(lab != -100)[0]
+      hits.append(all(pred[p - 1] == lab[p] for p in pos))
+    return float(np.mean(hits))
+
+  assert res["n_test_edits"] == n
+  assert res["edit_success"] == pytest.approx(success(d.equiv))
+  assert res["reliability"] == pytest.approx(success(d.edit))
+  assert res["locality_acc_pre"] == pytest.approx(success(d.loc))
+  assert res["locality_acc_post"] == res["locality_acc_pre"] and res["locality_drawdown"] == 0.0
