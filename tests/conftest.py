@@ -8,7 +8,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

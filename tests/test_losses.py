@@ -1,7 +1,6 @@
 """Losses, metrics and batch encoding against references computed another way (float64 loops,
 hand-written expected values)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
