@@ -24,7 +24,19 @@ import jax.numpy as jnp
 IGNORE = -100
 
 
-def _align(task: str, logits: jax.Array, labels: jax.Array):
+def _align(task: str, logits: jax.Array, batch: Mapping[str, jax.Array]):
+  """(logits [B,N,V], labels [B,N]) with labels[:, n] the token logits[:, n] predicts (-100: none).
+
+  With batch["read_pos"] the logits are the model's outputs at those positions only (see
+  `EditableModel.logits`); padding slots of read_pos (read_mask 0) get label -100."""
+  labels = batch["labels"]
+  if "read_pos" in batch:
+    pos = batch["read_pos"].astype(jnp.int32)
+    if task == "causal_lm":
+      pos = pos + 1
+    pos = jnp.clip(pos, 0, labels.shape[1] - 1)
+    picked = jnp.take_along_axis(labels, pos, axis=1)
+    return logits, jnp.where(batch["read_mask"] != 0, picked, IGNORE)
   if task == "causal_lm":
     return logits[:, :-1], labels[:, 1:]
   return logits, labels
@@ -41,7 +53,7 @@ def token_logprobs(task: str, logits: jax.Array, batch: Mapping[str, jax.Array])
     logits = logits.astype(jnp.float32)
     logp = y * jax.nn.log_sigmoid(logits) + (1.0 - y) * jax.nn.log_sigmoid(-logits)
     return logp, jnp.ones_like(logp)
-  logits, labels = _align(task, logits, labels)
+  logits, labels = _align(task, logits, batch)
   mask = labels != IGNORE
   safe = jnp.where(mask, labels, 0)
   logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -55,25 +67,43 @@ def nll(task: str, logits: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Arr
   return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def nll_per_edit_sum(task: str, logits: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Sum over the examples of each one's token-mean NLL (scalar): the loss an edit differentiates.
+
+  Its gradient is the sum of each edit's own token-mean gradient, so the scale of one edit's
+  delta does not depend on how many edits share the batch (a batch token mean would shrink it by
+  1/k and put k-edit batches outside the normalisation statistics learned with single edits).
+  Equal to `nll` for a batch of one."""
+  logp, mask = token_logprobs(task, logits, batch)
+  if logp.ndim == 1:  # binary: one prediction per example
+    return -jnp.sum(logp * mask)
+  return -jnp.sum(jnp.sum(logp * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0))
+
+
 def exact_match(task: str, logits: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
   """Per-example success [B] (float 0/1): every scored label token is the argmax (teacher forced);
   binary: sigmoid(logit) > 0.5 agrees with the label. Examples with no scored token count as 0."""
   labels = batch["labels"]
   if task == "binary":
     return ((logits > 0).astype(jnp.int32) == labels.astype(jnp.int32)).astype(jnp.float32)
-  logits, labels = _align(task, logits, labels)
+  logits, labels = _align(task, logits, batch)
   mask = labels != IGNORE
   correct = (jnp.argmax(logits, -1) == labels) | ~mask
   return (jnp.all(correct, -1) & jnp.any(mask, -1)).astype(jnp.float32)
 
 
 def kl_mask(task: str, batch: Mapping[str, jax.Array]) -> jax.Array:
-  """Which positions the locality KL reads (see module docstring)."""
+  """Which positions the locality KL reads (see module docstring); [B,T], or [B,P] at read_pos."""
   if "kl_mask" in batch:
-    return batch["kl_mask"].astype(jnp.float32)
-  if task == "seq2seq":
-    return (batch["labels"] != IGNORE).astype(jnp.float32)
-  return batch["attention_mask"].astype(jnp.float32)
+    m = batch["kl_mask"]
+  elif task == "seq2seq":
+    m = batch["labels"] != IGNORE
+  else:
+    m = batch["attention_mask"]
+  m = m.astype(jnp.float32)
+  if "read_pos" in batch:
+    m = jnp.take_along_axis(m, batch["read_pos"].astype(jnp.int32), axis=1) * (batch["read_mask"] != 0)
+  return m
 
 
 def locality_kl(task: str, base_logits: jax.Array, edited_logits: jax.Array,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from mend_jax import capture as capture_lib
+from mend_jax import losses
 from mend_jax import stats as stats_lib
 from mend_jax.editor import EditorConfig, MENDNet
 from mend_jax.models import EditableModel
@@ -96,6 +97,26 @@ class MEND:
     return EditorState({"net": nets, "alpha": alpha}, st)
 
   # ---------------------------------------------------------------- pieces
+  def capture(self, params, batch) -> capture_lib.Capture:
+    """u and delta of the editable layers for the edit loss: the sum over the batch's edits of
+    each edit's token-mean NLL, so one edit's delta has the same scale whatever k edits share the
+    batch (`losses.nll_per_edit_sum`; the official code's batch token mean scales it by 1/k)."""
+    task = self.model.task
+    cap = capture_lib.capture(self.model, params, batch,
+                              loss_fn=lambda logits, b: losses.nll_per_edit_sum(task, logits, b))
+    local = self.model.head_local_paths
+    if "read_pos" not in batch or not local:
+      return cap
+    # The last block's MLP feeds the head position by position: its delta is exactly zero off
+    # the read positions, so only those rows (B x P instead of B x T) go through the editor.
+    # Padding slots of read_pos (read_mask 0) repeat position 0 and are zeroed.
+    pos = batch["read_pos"].astype(jnp.int32)[:, :, None]
+    keep = (batch["read_mask"] != 0)[:, :, None]
+    rows = lambda x: jnp.where(keep, jnp.take_along_axis(x, pos, axis=1), 0)
+    u = {p: rows(x) if p in local else x for p, x in cap.u.items()}
+    delta = {p: rows(x) if p in local else x for p, x in cap.delta.items()}
+    return cap._replace(u=u, delta=delta)
+
   def masks(self, cap: capture_lib.Capture) -> dict[str, jax.Array]:
     return {l.path: capture_lib.token_mask(cap.u[l.path], cap.delta[l.path]) for l in self.model.layers}
 
@@ -177,7 +198,7 @@ class MEND:
     the true gradient and grad_cos: [L] cosine between true gradient and grad~}. Pure: compose it
     with jax.jit / jax.vmap freely (`jit_edit` is the jitted form).
     """
-    cap = capture_lib.capture(self.model, params, batch)
+    cap = self.capture(params, batch)
     return self.apply_updates(state.params, state.stats, params, cap, diagnostics)
 
   @functools.cached_property
@@ -187,7 +208,7 @@ class MEND:
   def edit_for_training(self, editor_params: dict, stats: dict, params, batch):
     """The training-time edit: statistics first absorb this edit batch (as in the official code),
     then the edit uses them. Returns (new_params, new_stats, info); differentiable wrt editor_params."""
-    cap = capture_lib.capture(self.model, params, batch)
+    cap = self.capture(params, batch)
     new_stats = self.update_stats(stats, cap) if self.cfg.norm else stats
     new_params, info = self.apply_updates(editor_params, new_stats, params, cap)
     return new_params, new_stats, info

@@ -53,6 +53,10 @@ class Family:
   kernel_layout: str = "in_out"
   # Decoder-only models get explicit position ids (cumsum of the mask) so left padding is safe.
   needs_position_ids: bool = False
+  # Regex over parameter paths of the layers between which and the vocabulary projection every
+  # step is per position (the MLP of the last block of the stack that feeds lm_head): their
+  # delta is exactly zero except where logits are read, so MEND keeps only those rows.
+  head_local: Callable[[Any], str] | None = None
 
 
 def _gpt2_editable(c) -> tuple[str, ...]:
@@ -93,23 +97,32 @@ def _llama_editable(c) -> tuple[str, ...]:
   return (rf"^model/layers/{_last(c.num_hidden_layers, 3)}/mlp/(gate_proj|up_proj|down_proj)/kernel$",)
 
 
+def _head_local(fmt: str, n_attr: str) -> Callable[[Any], str]:
+  return lambda c: fmt.format(getattr(c, n_attr) - 1)
+
+
+_LLAMA_HEAD = _head_local(r"^model/layers/{}/mlp/", "num_hidden_layers")
+_T5_HEAD = lambda c: rf"^decoder/block/{(c.num_decoder_layers or c.num_layers) - 1}/layer/2/"
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("gpt2", ("gpt2",), "FlaxGPT2LMHeadModel", "causal_lm", _gpt2_editable, "out_in", True),
+        Family("gpt2", ("gpt2",), "FlaxGPT2LMHeadModel", "causal_lm", _gpt2_editable, "out_in", True,
+               _head_local(r"^transformer/h/{}/mlp/", "n_layer")),
         Family("gpt_neo", ("gpt_neo",), "FlaxGPTNeoForCausalLM", "causal_lm", _gpt_neo_editable,
-               needs_position_ids=True),
+               needs_position_ids=True, head_local=_head_local(r"^transformer/h/{}/mlp/", "num_layers")),
         Family("gptj", ("gptj",), "FlaxGPTJForCausalLM", "causal_lm", _gptj_editable,
-               needs_position_ids=True),
-        Family("t5", ("t5",), "FlaxT5ForConditionalGeneration", "seq2seq", _t5_editable),
-        Family("bart", ("bart",), "FlaxBartForConditionalGeneration", "seq2seq", _bart_editable),
+               needs_position_ids=True, head_local=_head_local(r"^transformer/h/{}/mlp/", "n_layer")),
+        Family("t5", ("t5",), "FlaxT5ForConditionalGeneration", "seq2seq", _t5_editable, head_local=_T5_HEAD),
+        Family("bart", ("bart",), "FlaxBartForConditionalGeneration", "seq2seq", _bart_editable,
+               head_local=_head_local(r"^model/decoder/layers/{}/fc[12]/", "decoder_layers")),
         Family("bert", ("bert",), "FlaxBertForSequenceClassification", "binary", _bert_editable),
         Family("llama", ("llama",), "FlaxLlamaForCausalLM", "causal_lm", _llama_editable,
-               needs_position_ids=True),
+               needs_position_ids=True, head_local=_LLAMA_HEAD),
         Family("mistral", ("mistral",), "FlaxMistralForCausalLM", "causal_lm", _llama_editable,
-               needs_position_ids=True),
+               needs_position_ids=True, head_local=_LLAMA_HEAD),
         Family("gemma", ("gemma",), "FlaxGemmaForCausalLM", "causal_lm", _llama_editable,
-               needs_position_ids=True),
+               needs_position_ids=True, head_local=_LLAMA_HEAD),
     )
 }
 
@@ -216,15 +229,32 @@ class EditableModel:
   def layer_paths(self) -> tuple[str, ...]:
     return tuple(l.path for l in self.layers)
 
+  @property
+  def head_local_paths(self) -> frozenset[str]:
+    """Editable layers whose delta is non-zero only at positions whose logits are read."""
+    if self.family.head_local is None or self.task == "binary":
+      return frozenset()
+    rx = re.compile(self.family.head_local(self.config))
+    return frozenset(l.path for l in self.layers if rx.search(l.path))
+
   def logits(self, params: Params, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """Forward pass. Returns [B,T,V] (causal_lm), [B,T_dec,V] (seq2seq) or [B] (binary)."""
+    """Forward pass. Returns [B,T,V] (causal_lm), [B,T_dec,V] (seq2seq) or [B] (binary).
+
+    With batch["read_pos"] ([B,P] int, the positions a loss or metric reads; see
+    `mend_jax.data.read_positions`) a sequence model returns [B,P,V]: the vocabulary projection,
+    about half a token's forward cost on a small GPT-2, runs only there. The head's input is
+    gathered where the model calls its `lm_head`, which every supported family does.
+    """
     kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], params=params)
     if self.task == "seq2seq":
       kw.update(decoder_input_ids=batch["decoder_input_ids"],
                 decoder_attention_mask=batch["decoder_attention_mask"])
     elif self.family.needs_position_ids:
       kw["position_ids"] = position_ids(batch["attention_mask"])
-    out = self.hf_model(**kw).logits
+    if self.task == "binary" or "read_pos" not in batch:
+      out = self.hf_model(**kw).logits
+    else:
+      out = _logits_at(self.hf_model, kw, batch["read_pos"])
     if self.task == "binary":
       if out.shape[-1] != 1:
         raise ValueError(f"binary task expects a classifier with num_labels=1, got logits {out.shape}")
@@ -235,6 +265,28 @@ class EditableModel:
     """The same model editing another set of layers."""
     params = self.params if self.params is not None else self.hf_model.params
     return dataclasses.replace(self, layers=resolve_layers(params, regexes, self.family.kernel_layout))
+
+
+def _logits_at(hf_model, kw, read_pos: jax.Array) -> jax.Array:
+  """hf_model(**kw).logits at positions read_pos [B,P] only: [B,P,V]."""
+  import flax.linen as nn
+
+  calls = []
+
+  def gather_head_input(next_fun, args, kwargs, context):
+    if context.method_name != "__call__" or context.module.name != "lm_head":
+      return next_fun(*args, **kwargs)
+    calls.append(1)
+    h = args[0]  # [B,T,D]
+    h = jnp.take_along_axis(h, read_pos[:, :, None].astype(jnp.int32), axis=1)
+    return next_fun(h, *args[1:], **kwargs)
+
+  with nn.intercept_methods(gather_head_input):
+    out = hf_model(**kw).logits
+  if len(calls) != 1:
+    raise ValueError(f"{type(hf_model).__name__}: expected one call of its lm_head, saw {len(calls)}; "
+                     f"drop batch['read_pos'] to compute logits at every position")
+  return out
 
 
 def position_ids(attention_mask: jax.Array) -> jax.Array:

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mend_jax import capture as capture_lib
 from mend_jax import checkpoint as ckpt_lib
 from mend_jax import losses
 from mend_jax.data import EditData
@@ -76,8 +75,8 @@ def init_state(editor: MEND, tx: optax.GradientTransformation, seed: int) -> Tra
 
 
 def _prep_loc(batch, kl_positions):
-  if kl_positions == "all":
-    return {k: v for k, v in batch.items() if k != "kl_mask"}
+  if kl_positions == "all":  # KL at every non-pad token: the answer-only mask and positions go
+    return {k: v for k, v in batch.items() if k not in ("kl_mask", "read_pos", "read_mask")}
   return batch
 
 
@@ -90,7 +89,7 @@ def edit_loss(editor: MEND, cfg: TrainConfig, editor_params, stats, base_params,
   if update_stats:
     new_params, new_stats, info = editor.edit_for_training(editor_params, stats, base_params, batch["edit"])
   else:
-    cap = capture_lib.capture(model, base_params, batch["edit"])
+    cap = editor.capture(base_params, batch["edit"])
     new_params, info = editor.apply_updates(editor_params, stats, base_params, cap)
     new_stats = stats
   eq_logits = model.logits(new_params, batch["equiv"])

@@ -31,7 +31,7 @@ def child(reps: int) -> dict:
   import numpy as np
   import transformers as tf
 
-  from mend_jax import losses, models, train
+  from mend_jax import data, losses, models, train
   from mend_jax.editor import EditorConfig
   from mend_jax.mend import MEND
 
@@ -40,12 +40,16 @@ def child(reps: int) -> dict:
   editor = MEND(model, EditorConfig(rank=1920))
   rng = np.random.default_rng(0)
 
-  def seqs(n=10, t=32, n_lab=10):
+  def seqs(n=10, t=32, n_lab=10, read_pos=True):
     ids = rng.integers(0, cfg.vocab_size, size=(n, t)).astype(np.int32)
     labels = np.where(np.arange(t)[None] >= t - n_lab, ids, -100).astype(np.int32)
-    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones((n, t), jnp.int32), "labels": jnp.asarray(labels)}
+    b = {"input_ids": ids, "attention_mask": np.ones((n, t), np.int32), "labels": labels}
+    if read_pos:  # what EditData batches carry: the positions the losses read
+      b["read_pos"], b["read_mask"] = data.read_positions(labels)
+    return {k: jnp.asarray(v) for k, v in b.items()}
 
-  edit, loc = seqs(), seqs()
+  # The locality KL reads every token (kl_positions="all", as the official code on text).
+  edit, loc = seqs(), seqs(read_pos=False)
   batch = {"edit": edit, "equiv": edit, "loc": loc}
   tcfg = train.TrainConfig(n_edits=10, n_loc=10, accumulate=1, kl_positions="all")
   step = train.make_train_step(editor, tcfg)
@@ -77,7 +81,8 @@ def child(reps: int) -> dict:
   out["edit_s"] = float(np.median(timed(run_edit, reps)))
 
   floor = jax.jit(jax.value_and_grad(lambda p, b: losses.nll("causal_lm", model.logits(p, b), b)))
-  run_floor = lambda: floor(params, edit)
+  plain = {k: v for k, v in edit.items() if not k.startswith("read_")}
+  run_floor = lambda: floor(params, plain)
   out["floor_compile_s"] = timed(run_floor, 1)[0]
   out["floor_s"] = float(np.median(timed(run_floor, reps)))
   out["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
