@@ -9,6 +9,12 @@ Tokens: [bos] + prompt + target, right-padded to `max_len`; labels are -100 exce
 tokens (so the loss and edit success read the target only); `kl_mask` marks the positions that
 predict the locality answer (the locality KL is taken there).
 
+Other tasks (`EditData.from_records(task=...)`, the model's task): seq2seq (T5, BART) and binary
+(BERT: alt and loc_ans are int labels in {0, 1}) read the same fields; "generation" (Wikitext, a
+causal LM) reads src (a text whose last n_tokens tokens are the edit target), n_tokens and loc (a
+held-out text). `encode_seq2seq`, `encode_binary`, `encode_continuations` and `encode_texts` say
+which tokens each loss and metric reads.
+
 Batches are fixed-shape so that nothing recompiles; sampling at step s depends only on (seed, s),
 so a resumed run sees exactly the data order of an uninterrupted one.
 """

@@ -23,7 +23,7 @@ from mend_jax.editor import EditorConfig
 from mend_jax.mend import MEND
 from mend_jax.models import EditableModel, load_model
 
-TASKS = ("synthetic",)
+TASKS = ("synthetic", "zsre", "fever", "wikitext")
 
 
 @dataclasses.dataclass
@@ -53,6 +53,8 @@ def prepare(config) -> Task:
   """Builds (and caches) the data and base model that `config` names."""
   if config.task not in TASKS:
     raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
+  if config.task != "synthetic":
+    return _prepare_paper(config)
   from mend_jax import pretrain as pretrain_lib
   from mend_jax import synthetic
 
@@ -74,6 +76,113 @@ def prepare(config) -> Task:
     raise ValueError(f"data.max_len={max_len} exceeds the model's context of {model.max_length}")
   split = lambda s: EditData.from_records(synthetic.load_records(paths[s]), tokenizer, max_len, name=str(paths[s]))
   return Task(model, tokenizer, split("train"), split("val"), split("test"))
+
+
+def _data_path(config, key: str) -> str:
+  path = str(config.data.get(key, "") or "")
+  if path and not os.path.isfile(path):
+    raise FileNotFoundError(f"config.data.{key}={path!r} does not exist (see the config's docstring for "
+                            "where the official data files go)")
+  return path
+
+
+def _load_paper_records(config):
+  """(train, val, test) record lists of a paper task, and the NQ pairs (zsRE) or None.
+
+  test = the official dev/valid file (what the paper reports); val = the last train.n_val rows of
+  the train file, held out from training for early stopping, so model selection never sees test."""
+  from mend_jax import datasets as ds_lib
+
+  d, seed = config.data, int(config.seed)
+  cache = os.path.join(os.path.abspath(config.cache_dir), "hf_datasets")
+  train_path, dev_path = _data_path(config, "train_path"), _data_path(config, "dev_path")
+  nq = None
+  if config.task == "zsre":
+    train, test = (ds_lib.load_zsre(p, seed, cache_dir=cache) for p in (train_path, dev_path))
+    if _data_path(config, "nq_path"):
+      nq = ds_lib.load_nq(d.nq_path, cache_dir=cache)
+      print(nq.summary())
+  elif config.task == "fever":
+    train, test = (ds_lib.load_fever(p, seed, cache_dir=cache) for p in (train_path, dev_path))
+  else:
+    min_words = int(d.get("min_words", 50))
+    loc_train = ds_lib.load_texts(_data_path(config, "loc_train_path"), min_words, cache_dir=cache)
+    loc_val = (ds_lib.load_texts(_data_path(config, "loc_val_path"), min_words, cache_dir=cache)
+               if d.get("loc_val_path") else loc_train)
+    for loaded in {id(x): x for x in (loc_train, loc_val)}.values():
+      print(loaded.summary())
+    train = ds_lib.load_wiki_edits(train_path, loc_train.records, seed, cache_dir=cache)
+    test = ds_lib.load_wiki_edits(dev_path, loc_val.records, seed, cache_dir=cache)
+  for loaded in (train, test):
+    print(loaded.summary())
+  n_val = int(config.train.n_val)
+  if not 0 < n_val < len(train):
+    raise ValueError(f"train.n_val={n_val} validation edits are held out of {train.path!r}, which has "
+                     f"{len(train)} usable records; need 0 < n_val < {len(train)}")
+  records = train.records
+  val = [dict(r) for r in records[-n_val:]]
+  if config.task == "wikitext":  # validation edits take their locality from the validation texts
+    import numpy as np
+
+    order = np.random.default_rng([seed, 17]).permutation(len(loc_val.records))
+    for i, r in enumerate(val):
+      r["loc"] = loc_val.records[order[i % len(order)]]
+  return records[:-n_val], val, test.records, (nq.records if nq is not None else None)
+
+
+def _paper_model(config, texts):
+  """(EditableModel, tokenizer): pretrained by name/path, or with config.tiny a tiny random model
+  of the same family and a tokenizer trained on `texts`."""
+  import transformers
+
+  from mend_jax import models as models_lib
+  from mend_jax import paper
+
+  editable = tuple(config.model.editable) or None
+  max_len = int(config.data.max_len)
+  if config.get("tiny", False):
+    family = str(config.model.family)
+    tokenizer = paper.tiny_tokenizer(family, texts)
+    hf_cfg = paper.tiny_hf_config(family, tokenizer, max_len, config.model.get("tiny", None))
+    model = models_lib.model_from_config(hf_cfg, editable=editable, seed=int(config.seed))
+  else:
+    model = load_model(config.model.name_or_path, editable=editable)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.get("tokenizer") or config.model.name_or_path)
+  if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+    # GPT tokenizers have no pad token: pad with eos. Padded positions are masked by attention_mask
+    # and labels everywhere, so unlike the official code no embedding row needs to be added.
+    tokenizer.pad_token = tokenizer.eos_token
+  if model.max_length is not None and max_len > model.max_length:
+    raise ValueError(f"data.max_len={max_len} exceeds the model's context of {model.max_length}")
+  return model, tokenizer
+
+
+def _prepare_paper(config) -> Task:
+  """prepare() for the paper's tasks (zsre, fever, wikitext); paths from config.data."""
+  from mend_jax import datasets as ds_lib
+  from mend_jax import paper
+
+  train, val, test, nq = _load_paper_records(config)
+  model, tokenizer = _paper_model(config, paper.record_texts(train + val + test + [
+      {"loc": q, "loc_ans": a} for q, a in (nq or [])[:2000]]))
+  task = paper.DATA_TASK[config.task]
+  expected = "causal_lm" if task == "generation" else task
+  if model.task != expected:
+    raise ValueError(f"config.task={config.task!r} needs a {expected} model; {config.model.name_or_path!r} "
+                     f"is a {model.task} model ({model.family.name})")
+  max_len, seed = int(config.data.max_len), int(config.seed)
+  if nq is not None:
+    # NQ answers that do not fit the decoder (with eos) are left out rather than truncated.
+    fits = [(q, a) for q, a in nq if len(tokenizer.encode(a, add_special_tokens=False)) + 1 <= max_len]
+    if len(fits) < len(nq):
+      print(f"NQ: {len(nq) - len(fits)} pairs with answers longer than data.max_len={max_len} left out")
+    ds_lib.pair_locality(val, fits, seed, "validation")
+    ds_lib.pair_locality(test, fits, seed + 1, "test")
+  dec = getattr(model.config, "decoder_start_token_id", None)
+  build = lambda recs, name: EditData.from_records(recs, tokenizer, max_len, name=name, task=task,
+                                                   decoder_start_id=dec, seed=seed)
+  return Task(model, tokenizer, build(train, f"{config.task} train"), build(val, f"{config.task} validation"),
+              build(test, f"{config.task} test"))
 
 
 def make_editor(config, model: EditableModel) -> MEND:
