@@ -1,0 +1,137 @@
+"""ENN, Editable Neural Networks (Sinitsin et al. 2020): train the whole model to be editable.
+
+Trained parameters: theta (a copy of every leaf of the base model, label "net") and lr
+([n_layers], one inner step size per editable matrix, initial 1e-2, label "alpha").
+
+Edit: theta' = theta - lr_l * grad_{W_l} L_e(theta) on each editable matrix W_l, n_edit_steps
+times (official default 1), every other leaf unchanged; L_e is the token-mean NLL of the edit batch.
+
+Training loss (second order through the inner step: jax.grad inside jax.grad), on a batch
+{"edit", "equiv", "loc"}:
+  L = c_edit * L_e(theta' on "equiv") + c_loc * KL(p_ref(loc) || p_theta'(loc))
+      + c_base * KL(p_theta0(loc) || p_theta(loc)),
+theta0 = base_params, the frozen original model (an argument, never trained). The last term is
+the official `base_loss: distill`, computed on the locality batch (trainer.py, train_base). The
+locality reference p_ref is theta0 by default (loc_ref="original", as this project's design
+specifies); loc_ref="current" uses the pre-edit model theta under stop_gradient, as the official
+trainer does (it reads base logits from the model being trained, before the edit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from mend_jax import algs
+from mend_jax import losses
+from mend_jax.algs import AlgState
+from mend_jax.mend import get_leaves, replace_leaves
+from mend_jax.models import EditableModel
+
+LOC_REFS = ("original", "current")
+
+
+@dataclasses.dataclass(frozen=True)
+class ENNConfig:
+  """edit_lr: initial inner step size of every editable matrix (official 1e-2). n_edit_steps:
+  inner SGD steps (official 1). first_order: stop gradients through the inner gradient (official
+  option, off). c_edit / c_loc / c_base: loss weights (official 0.1 / 1 / 1). loc_ref: the
+  locality KL's reference, "original" (theta0) or "current" (theta, the official trainer).
+  kl_positions: "answer" or "all", as in training."""
+
+  edit_lr: float = 1e-2
+  n_edit_steps: int = 1
+  first_order: bool = False
+  c_edit: float = 0.1
+  c_loc: float = 1.0
+  c_base: float = 1.0
+  loc_ref: str = "original"
+  kl_positions: str = "answer"
+
+  def __post_init__(self):
+    if self.n_edit_steps < 1:
+      raise ValueError(f"ENN n_edit_steps must be >= 1, got {self.n_edit_steps}")
+    if self.loc_ref not in LOC_REFS:
+      raise ValueError(f"ENN loc_ref must be one of {LOC_REFS}, got {self.loc_ref!r}")
+    algs.check_kl_positions(self.kl_positions)
+
+
+class ENN:
+  """Editable training. Usage:
+    enn = ENN(model, ENNConfig())
+    state = enn.init(rng, base_params)               # params {"theta": copy of base, "lr": [L]}
+    loss, (aux, metrics) = enn.loss(state.params, state.aux, base_params, batch)   # train this
+    new_params, info = enn.jit_edit(state, enn.pre_edit_params(state, base_params), edit_batch)
+  """
+
+  name = "enn"
+  learned = True
+
+  def __init__(self, model: EditableModel, cfg: ENNConfig = ENNConfig()):
+    self.model = model
+    self.cfg = cfg
+
+  def init(self, rng: jax.Array, base_params) -> AlgState:
+    del rng
+    # A real copy: a training step that donates its state must not free the frozen original.
+    theta = jax.tree_util.tree_map(jnp.array, base_params)
+    lr = jnp.full((len(self.model.layers),), self.cfg.edit_lr, jnp.float32)
+    return AlgState({"theta": theta, "lr": lr}, {})
+
+  def pre_edit_params(self, state: AlgState, base_params):
+    return state.params["theta"]
+
+  def param_labels(self, train_params):
+    return {"theta": jax.tree_util.tree_map(lambda _: "net", train_params["theta"]), "lr": "alpha"}
+
+  # ---------------------------------------------------------------- the edit
+  def inner(self, theta, lr: jax.Array, batch: Mapping[str, jax.Array]):
+    """theta after n_edit_steps SGD steps on the editable matrices; differentiable in theta and lr.
+    lr: [n_layers]. Returns (theta', loss_before)."""
+    paths = self.model.layer_paths
+    if lr.shape != (len(paths),):
+      raise ValueError(f"ENN lr has shape {lr.shape}, expected ({len(paths)},) (one per editable matrix)")
+
+    def l_edit(w, params):
+      return algs.edit_nll(self.model, replace_leaves(params, w), batch)
+
+    params, loss0 = theta, None
+    for _ in range(self.cfg.n_edit_steps):
+      w = get_leaves(params, paths)
+      loss, g = jax.value_and_grad(l_edit)(w, params)
+      loss0 = loss if loss0 is None else loss0
+      if self.cfg.first_order:
+        g = jax.lax.stop_gradient(g)
+      params = replace_leaves(params, {p: w[p] - lr[i].astype(w[p].dtype) * g[p] for i, p in enumerate(paths)})
+    return params, loss0
+
+  def edit(self, state: AlgState, params, batch: Mapping[str, jax.Array]):
+    """One inner step (or n_edit_steps) from `params` (normally `pre_edit_params(state, base)`),
+    with the learned step sizes state.params["lr"]. Returns (new_params, info), info =
+    {loss_before: [], update_norm: [n_layers]}. Pure and jittable (`jit_edit`)."""
+    new, loss0 = self.inner(params, state.params["lr"], batch)
+    return new, {"loss_before": loss0, "update_norm": algs.update_norms(self.model, params, new)}
+
+  @functools.cached_property
+  def jit_edit(self):
+    return jax.jit(self.edit)
+
+  # ---------------------------------------------------------------- training
+  def loss(self, train_params, aux, base_params, batch):
+    """Editability loss (module docstring) for batch {"edit", "equiv", "loc"}. Returns
+    (loss, (aux, metrics)); metrics add loss_base and loss_before to the common set."""
+    cfg, model = self.cfg, self.model
+    theta = train_params["theta"]
+    new, loss0 = self.inner(theta, train_params["lr"], batch["edit"])
+    ref = base_params if cfg.loc_ref == "original" else theta  # post_edit_loss stops its gradient
+    loss, metrics = algs.post_edit_loss(model, new, ref, batch, cfg.c_edit, cfg.c_loc, cfg.kl_positions)
+    loc = algs.loc_batch(batch["loc"], cfg.kl_positions)
+    orig_logits = jax.lax.stop_gradient(model.logits(base_params, loc))
+    l_base = losses.locality_kl(model.task, orig_logits, model.logits(theta, loc), loc)
+    loss = loss + cfg.c_base * l_base
+    metrics = {**metrics, "loss": loss, "loss_base": l_base, "loss_before": loss0}
+    return loss, (aux, metrics)

@@ -1,0 +1,223 @@
+"""KE, KnowledgeEditor (De Cao et al. 2021; official port: algs/efk.py): a learned editor that reads
+the edit text and rescales the fine-tuning gradient.
+
+Per edit b of the batch, a BiLSTM reads the edit text and gives a condition vector
+  h_b = tanh(Dense_cond([h_fwd, h_bwd]))                            [cond_dim]
+(final hidden states of a forward and a backward LSTM, as allennlp's Seq2Vec wrapper). For each
+editable matrix l its own conditioner, WNDense(cond_hidden) -> tanh -> WNDense(2 (d_in + d_out) + 1)
+(WN = weight normalisation, as the official), maps h_b to (r, c, p, q, g): r, p [d_out], c, q [d_in],
+g a scalar. In [d_out, d_in] orientation (transposed for [in, out] kernels):
+  mask m_b = softmax(r) c^T,   offset o_b = softmax(p) q^T,   gate s_b = max_scale * sigmoid(g),
+  W_l' = W_l - sum_b s_b (G_lb * m_b + o_b),
+G_lb = example b's term of the fine-tuning gradient of the batch's L_e (token-mean NLL), so for one
+edit G is exactly grad_W L_e. Since G_lb = sum_t delta_bt u_bt^T (capture), G_lb * (a c^T) =
+sum_t (a * delta_bt)(c * u_bt)^T: the update is a rank-1 sum, no per-example gradient is formed.
+The official code handles one edit per batch only; summing per-example updates is this port's
+extension to k edits (identical for k = 1). The official adds the update (W + ...); this port
+subtracts it, so a positive mask is a descent step as in the design.
+
+Edit text. The official reads the string "prediction >> new target || input". Batches here carry
+tokens, not strings, so the LSTM reads the edit's own tokens with a learned segment embedding
+(0: input, 1: target) added: causal_lm: input_ids (the target is inside; target = labels != -100);
+seq2seq: input_ids then the scored decoder labels; binary: input_ids then one extra position holding
+a learned embedding of the target label. Padding is dropped (valid tokens are packed to the front).
+Token embeddings are initialised from the base model's input embedding table (as the official;
+embed_init="random" for a fresh table) and trained with the rest.
+
+Sizes (official OneShotLearner with EFK's arguments): embedding width = the model's; LSTM hidden
+512 per direction; condition 768; conditioner hidden 512; max_scale 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from mend_jax import algs
+from mend_jax import capture as capture_lib
+from mend_jax.algs import AlgState
+from mend_jax.mend import get_leaves, replace_leaves
+from mend_jax.models import EditableModel
+
+_EMBED_NAMES = ("wte", "shared", "word_embeddings", "embed_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class KEConfig:
+  """embed_init: "model" (copy the base model's token embeddings, official) or "random".
+  embed_dim: embedding width (None: the model's; must be None with embed_init="model").
+  lstm_hidden / cond_dim / cond_hidden: official 512 / 768 / 512. max_scale: gate ceiling
+  (official 1). c_edit / c_loc / kl_positions: the training loss, as for MEND."""
+
+  embed_init: str = "model"
+  embed_dim: int | None = None
+  lstm_hidden: int = 512
+  cond_dim: int = 768
+  cond_hidden: int = 512
+  max_scale: float = 1.0
+  c_edit: float = 0.1
+  c_loc: float = 1.0
+  kl_positions: str = "answer"
+
+  def __post_init__(self):
+    if self.embed_init not in ("model", "random"):
+      raise ValueError(f"KE embed_init must be 'model' or 'random', got {self.embed_init!r}")
+    if self.embed_init == "model" and self.embed_dim is not None:
+      raise ValueError("KE embed_dim must be None with embed_init='model' (the width is the model's)")
+    for k in ("lstm_hidden", "cond_dim", "cond_hidden"):
+      if getattr(self, k) < 1:
+        raise ValueError(f"KE {k} must be >= 1, got {getattr(self, k)}")
+    algs.check_kl_positions(self.kl_positions)
+
+
+def find_embedding(model: EditableModel, params) -> str:
+  """Path of the model's input token-embedding table ([vocab, width])."""
+  vocab = model.config.vocab_size
+  flat = traverse_util.flatten_dict(params, sep="/")
+  cands = [p for p, v in flat.items() if p.endswith("/embedding") and v.ndim == 2 and v.shape[0] == vocab]
+  named = [p for p in cands if any(n in p.split("/") for n in _EMBED_NAMES)]
+  if not (named or cands):
+    raise ValueError(f"no [vocab={vocab}, width] '.../embedding' table in the model's parameters; "
+                     "use KEConfig(embed_init='random', embed_dim=...)")
+  return (named or cands)[0]
+
+
+def _wn_dense(features: int, name: str) -> nn.Module:
+  return nn.WeightNorm(nn.Dense(features), name=name)
+
+
+class KENet(nn.Module):
+  """Edit text -> per-layer (r, c, p, q, gate). shapes: (d_in, d_out) per editable layer."""
+
+  vocab_size: int
+  embed_dim: int
+  lstm_hidden: int
+  cond_dim: int
+  cond_hidden: int
+  shapes: tuple[tuple[int, int], ...]
+  max_scale: float
+
+  @nn.compact
+  def __call__(self, ids, segment, valid, label=None):
+    """ids, segment: [B,S] int; valid: [B,S] bool; label: [B] int in {0,1} or None.
+    Returns a list (one per layer) of (r [B,d_out] softmaxed, c [B,d_in], p [B,d_out] softmaxed,
+    q [B,d_in], gate [B])."""
+    x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(ids)
+    x = x + nn.Embed(2, self.embed_dim, embedding_init=nn.initializers.normal(0.02), name="segment")(segment)
+    if label is not None:
+      lab = nn.Embed(2, self.embed_dim, embedding_init=nn.initializers.normal(0.02), name="label")(label)
+      x = jnp.concatenate([x, lab[:, None]], 1)
+      valid = jnp.concatenate([valid, jnp.ones_like(valid[:, :1])], 1)
+    # Pack the valid tokens to the front (stable), so seq_lengths describes them for both directions.
+    order = jnp.argsort(jnp.where(valid, 0, 1), axis=1, stable=True)
+    x = jnp.take_along_axis(x, order[..., None], axis=1)
+    lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
+    (_, h_f), _ = nn.RNN(nn.OptimizedLSTMCell(self.lstm_hidden), return_carry=True, name="lstm_fwd")(
+        x, seq_lengths=lengths)
+    (_, h_b), _ = nn.RNN(nn.OptimizedLSTMCell(self.lstm_hidden), return_carry=True, reverse=True,
+                         keep_order=True, name="lstm_bwd")(x, seq_lengths=lengths)
+    cond = jnp.tanh(nn.Dense(self.cond_dim, name="cond")(jnp.concatenate([h_f, h_b], -1)))
+    out = []
+    for i, (d_in, d_out) in enumerate(self.shapes):
+      h = jnp.tanh(_wn_dense(self.cond_hidden, f"layer{i}_hidden")(cond))
+      o = _wn_dense(2 * (d_in + d_out) + 1, f"layer{i}_out")(h)
+      r, c, p, q, g = jnp.split(o, [d_out, d_out + d_in, 2 * d_out + d_in, 2 * (d_out + d_in)], axis=-1)
+      out.append((jax.nn.softmax(r, -1), c, jax.nn.softmax(p, -1), q, self.max_scale * jax.nn.sigmoid(g[:, 0])))
+    return out
+
+
+def edit_text(task: str, batch: Mapping[str, jax.Array]):
+  """The tokens the LSTM reads (module docstring): (ids, segment, valid, label or None)."""
+  mask = batch["attention_mask"] > 0
+  ids = batch["input_ids"]
+  if task == "causal_lm":
+    return ids, (batch["labels"] != -100).astype(jnp.int32), mask, None
+  if task == "seq2seq":
+    tgt = batch["labels"] != -100
+    return (jnp.concatenate([ids, jnp.where(tgt, batch["labels"], 0).astype(ids.dtype)], 1),
+            jnp.concatenate([jnp.zeros_like(ids), tgt.astype(ids.dtype)], 1),
+            jnp.concatenate([mask, tgt], 1), None)
+  return ids, jnp.zeros_like(ids), mask, batch["labels"].astype(jnp.int32)
+
+
+class KE:
+  """Usage:
+    ke = KE(model, KEConfig())
+    state = ke.init(rng, base_params)          # params {"net": KENet params}
+    new_params, info = ke.jit_edit(state, base_params, edit_batch)
+  """
+
+  name = "ke"
+  learned = True
+
+  def __init__(self, model: EditableModel, cfg: KEConfig = KEConfig()):
+    self.model = model
+    self.cfg = cfg
+
+  def _net(self, embed_dim: int) -> KENet:
+    return KENet(self.model.config.vocab_size, embed_dim, self.cfg.lstm_hidden, self.cfg.cond_dim,
+                 self.cfg.cond_hidden, tuple((l.d_in, l.d_out) for l in self.model.layers), self.cfg.max_scale)
+
+  @functools.cached_property
+  def _embed_dim(self) -> int:
+    if self.cfg.embed_dim is not None:
+      return self.cfg.embed_dim
+    params = self.model.params if self.model.params is not None else self.model.hf_model.params
+    return int(get_leaves(params, [find_embedding(self.model, params)]).popitem()[1].shape[1])
+
+  def init(self, rng: jax.Array, base_params) -> AlgState:
+    net = self._net(self._embed_dim)
+    ids = jnp.ones((1, 2), jnp.int32)
+    label = jnp.zeros((1,), jnp.int32) if self.model.task == "binary" else None
+    params = net.init(rng, ids, jnp.zeros_like(ids), jnp.ones((1, 2), bool), label)["params"]
+    if self.cfg.embed_init == "model":
+      path = find_embedding(self.model, base_params)
+      table = get_leaves(base_params, [path])[path]
+      params = {**params, "embed": {"embedding": jnp.array(table, jnp.float32)}}
+    return AlgState({"net": params}, {})
+
+  def pre_edit_params(self, state: AlgState, base_params):
+    return base_params
+
+  def param_labels(self, train_params):
+    return jax.tree_util.tree_map(lambda _: "net", train_params)
+
+  def factors(self, net_params, batch: Mapping[str, jax.Array]):
+    """The network's per-layer (r, c, p, q, gate) for an edit batch (see KENet)."""
+    ids, seg, valid, label = edit_text(self.model.task, batch)
+    return self._net(self._embed_dim).apply({"params": net_params}, ids, seg, valid, label)
+
+  def edit(self, state: AlgState, params, batch: Mapping[str, jax.Array]):
+    """W' = W - sum_b s_b (G_b * m_b + o_b) on each editable matrix. Returns (new_params, info),
+    info = {loss_before: [], update_norm: [n_layers], gate: [n_layers, B]}. Pure and jittable."""
+    cap = capture_lib.capture(self.model, params, batch)
+    facs = self.factors(state.params["net"], batch)
+    kernels = get_leaves(params, self.model.layer_paths)
+    new, norms = {}, []
+    for layer, (r, c, p, q, s) in zip(self.model.layers, facs):
+      u = cap.u[layer.path].astype(jnp.float32) * c[:, None, :]
+      d = cap.delta[layer.path].astype(jnp.float32) * (s[:, None] * r)[:, None, :]
+      step = capture_lib.rank1_sum(u, d, layer.layout) + capture_lib.rank1_sum(q, s[:, None] * p, layer.layout)
+      new[layer.path] = kernels[layer.path] - step.astype(kernels[layer.path].dtype)
+      norms.append(jnp.linalg.norm(step))
+    info = {"loss_before": cap.loss, "update_norm": jnp.stack(norms), "gate": jnp.stack([f[4] for f in facs])}
+    return replace_leaves(params, new), info
+
+  @functools.cached_property
+  def jit_edit(self):
+    return jax.jit(self.edit)
+
+  def loss(self, train_params, aux, base_params, batch):
+    """c_edit * L_e(equiv) + c_loc * KL(p_base || p_edited)(loc) of the KE edit of base_params.
+    Returns (loss, (aux, metrics)); metrics add loss_before and update_norm (mean)."""
+    new, info = self.edit(AlgState(train_params, aux), base_params, batch["edit"])
+    loss, metrics = algs.post_edit_loss(self.model, new, base_params, batch, self.cfg.c_edit, self.cfg.c_loc,
+                                        self.cfg.kl_positions)
+    metrics = {**metrics, "loss_before": info["loss_before"], "update_norm": jnp.mean(info["update_norm"])}
+    return loss, (aux, metrics)
