@@ -77,3 +77,23 @@ def make_batch(model: models.EditableModel, seed: int = 0, batch: int = 2, lengt
 @pytest.fixture(params=FAMILY_NAMES)
 def family_model(request):
   return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def synth_setup(tmp_path_factory):
+  """A small synthetic world, its tokenizer, a tiny random GPT-2 for it, the train split as
+  EditData and a rank-8 MEND editor."""
+  from mend_jax import data as data_lib
+  from mend_jax import synthetic
+  from mend_jax.editor import EditorConfig
+  from mend_jax.mend import MEND
+
+  root = tmp_path_factory.mktemp("synth")
+  paths = synthetic.write_benchmark(root, synthetic.WorldConfig(seed=1, n_subjects=30))
+  tok = tf.AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
+  model = models.model_from_config(tf.GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=2,
+                                                 n_head=2, bos_token_id=tok.bos_token_id,
+                                                 eos_token_id=tok.eos_token_id))
+  recs = synthetic.load_records(paths["train"])
+  data = data_lib.EditData.from_records(recs, tok, 24)
+  return dict(root=root, paths=paths, tok=tok, model=model, data=data, editor=MEND(model, EditorConfig(rank=8)))
