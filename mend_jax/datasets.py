@@ -69,7 +69,8 @@ class Loaded:
 
 
 def _locate_error(path: str, jsonl: bool) -> str | None:
-  """The first malformed line of a JSON lines file (or the position in a JSON file), as text."""
+  """The first malformed line of a (UTF-8 checked) JSON lines file, or the position of the error
+  in a JSON file, as text; None if every line is a JSON object."""
   with open(path, "rb") as f:
     raw = f.read()
   lines = raw.split(b"\n") if jsonl else [raw]
@@ -77,12 +78,7 @@ def _locate_error(path: str, jsonl: bool) -> str | None:
     if jsonl and not line.strip():
       continue
     try:
-      text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-      where = i if jsonl else raw[: e.start].count(b"\n") + 1
-      return f"line {where}: bytes that are not UTF-8 ({e.reason} at byte {e.start})"
-    try:
-      obj = json.loads(text)
+      obj = json.loads(line.decode("utf-8"))
     except json.JSONDecodeError as e:
       return f"line {i if jsonl else e.lineno}: not valid JSON ({e.msg})"
     if not isinstance(obj, dict):
