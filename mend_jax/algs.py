@@ -61,7 +61,7 @@ class EditorAlg(Protocol):
     edit(state, params, batch) -> (new_params, info): edits `params` so the model fits `batch`, one
       edit batch of k edits at once, in the same dict format as `mend.MEND.edit` (see
       `mend_jax.models`). info is a dict of arrays; every algorithm reports at least
-      loss_before: [] (edit loss of `params` on the batch) and update_norm: [n_layers] (Frobenius
+      loss_before: [] (the edit loss it differentiates, at `params`) and update_norm: [n_layers] (Frobenius
       norm of each editable matrix's change).
     loss(train_params, aux, base_params, batch) -> (loss, (new_aux, metrics)): learned only; batch =
       {"edit", "equiv", "loc"} as in `train.edit_loss`; base_params is the frozen original model
@@ -111,24 +111,27 @@ def check_kl_positions(value: str) -> None:
 
 
 def loc_batch(batch: Mapping[str, jax.Array], kl_positions: str) -> dict:
-  """The locality batch the KL reads: "answer" keeps its kl_mask (if any); "all" drops it, so the
-  KL covers every non-pad token (see `losses.kl_mask`)."""
+  """The locality batch the KL reads (as train.py): "answer" keeps it as is; "all" drops kl_mask
+  and the read positions, so the KL covers every non-pad token (see `losses.kl_mask`)."""
   if kl_positions == "all":
-    return {k: v for k, v in batch.items() if k != "kl_mask"}
+    return {k: v for k, v in batch.items() if k not in ("kl_mask", "read_pos", "read_mask")}
   return dict(batch)
 
 
 def edit_nll(model: EditableModel, params, batch: Mapping[str, jax.Array]) -> jax.Array:
-  """Token-mean NLL of the task on `batch` (scalar)."""
-  return losses.nll(model.task, model.logits(params, batch), batch)
+  """The loss a one-shot edit differentiates, as MEND's: the sum over the batch's edits of each
+  edit's token-mean NLL (`losses.nll_per_edit_sum`; equal to the token mean for one edit), so
+  each of k edits gets the step it would get alone."""
+  return losses.nll_per_edit_sum(model.task, model.logits(params, batch), batch)
 
 
 def post_edit_loss(model: EditableModel, edited_params, ref_params, batch, c_edit: float, c_loc: float,
-                   kl_positions: str = "answer"):
+                   kl_positions: str = "answer", ref_logits: jax.Array | None = None):
   """The outer loss of Algorithm 1 for an edited model: c_edit * L_e + c_loc * L_loc.
 
   L_e = token-mean NLL of `edited_params` on batch["equiv"]; L_loc = KL(p_ref || p_edited) on
-  batch["loc"] (`losses.locality_kl`), p_ref from `ref_params` under stop_gradient.
+  batch["loc"] (`losses.locality_kl`), p_ref from `ref_params` under stop_gradient (or the given
+  ref_logits: the logits of the reference on `loc_batch(batch["loc"], kl_positions)`).
   Returns (loss, metrics) with metrics loss, loss_edit, loss_loc, edit_success (mean exact match
   on "equiv"), loc_agree (fraction of locality examples whose exact match is unchanged).
   """
@@ -136,7 +139,9 @@ def post_edit_loss(model: EditableModel, edited_params, ref_params, batch, c_edi
   eq_logits = model.logits(edited_params, batch["equiv"])
   l_edit = losses.nll(task, eq_logits, batch["equiv"])
   loc = loc_batch(batch["loc"], kl_positions)
-  ref_logits = jax.lax.stop_gradient(model.logits(ref_params, loc))
+  if ref_logits is None:
+    ref_logits = model.logits(ref_params, loc)
+  ref_logits = jax.lax.stop_gradient(ref_logits)
   post_logits = model.logits(edited_params, loc)
   l_loc = losses.locality_kl(task, ref_logits, post_logits, loc)
   loss = c_edit * l_edit + c_loc * l_loc

@@ -4,7 +4,9 @@ Trained parameters: theta (a copy of every leaf of the base model, label "net") 
 ([n_layers], one inner step size per editable matrix, initial 1e-2, label "alpha").
 
 Edit: theta' = theta - lr_l * grad_{W_l} L_e(theta) on each editable matrix W_l, n_edit_steps
-times (official default 1), every other leaf unchanged; L_e is the token-mean NLL of the edit batch.
+times (official default 1), every other leaf unchanged; L_e is the sum over the batch's edits of
+each edit's token-mean NLL (as MEND's edit loss; the official token mean over the whole batch is
+the same for one edit, and would shrink each edit's step by 1/k for k edits).
 
 Training loss (second order through the inner step: jax.grad inside jax.grad), on a batch
 {"edit", "equiv", "loc"}:
@@ -127,11 +129,14 @@ class ENN:
     cfg, model = self.cfg, self.model
     theta = train_params["theta"]
     new, loss0 = self.inner(theta, train_params["lr"], batch["edit"])
-    ref = base_params if cfg.loc_ref == "original" else theta  # post_edit_loss stops its gradient
-    loss, metrics = algs.post_edit_loss(model, new, ref, batch, cfg.c_edit, cfg.c_loc, cfg.kl_positions)
     loc = algs.loc_batch(batch["loc"], cfg.kl_positions)
     orig_logits = jax.lax.stop_gradient(model.logits(base_params, loc))
-    l_base = losses.locality_kl(model.task, orig_logits, model.logits(theta, loc), loc)
+    theta_logits = model.logits(theta, loc)
+    # The locality reference: theta0 (its logits are L_base's too) or theta before the edit.
+    ref_logits = orig_logits if cfg.loc_ref == "original" else theta_logits
+    loss, metrics = algs.post_edit_loss(model, new, None, batch, cfg.c_edit, cfg.c_loc, cfg.kl_positions,
+                                        ref_logits=ref_logits)
+    l_base = losses.locality_kl(model.task, orig_logits, theta_logits, loc)
     loss = loss + cfg.c_base * l_base
     metrics = {**metrics, "loss": loss, "loss_base": l_base, "loss_before": loss0}
     return loss, (aux, metrics)

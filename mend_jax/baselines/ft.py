@@ -1,6 +1,6 @@
 """FT and FT+KL: edit by fine-tuning the editable matrices, inside one jitted while_loop.
 
-FT: optimizer steps on L_e(x_e, y_e) (token-mean NLL of the edit batch) w.r.t. the editable
+FT: optimizer steps on L_e(x_e, y_e) (token-mean NLL over the edit batch, as the official) w.r.t. the editable
 matrices only, until every edit of the batch succeeds (teacher-forced exact match of all its label
 tokens; binary: the sign of the logit) or `max_steps` steps. As the official code (algs/ft.py):
 success is checked before each step, so `n_steps` counts the updates actually applied (0 if the

@@ -5,12 +5,12 @@ Per edit b of the batch, a BiLSTM reads the edit text and gives a condition vect
   h_b = tanh(Dense_cond([h_fwd, h_bwd]))                            [cond_dim]
 (final hidden states of a forward and a backward LSTM, as allennlp's Seq2Vec wrapper). For each
 editable matrix l its own conditioner, WNDense(cond_hidden) -> tanh -> WNDense(2 (d_in + d_out) + 1)
-(WN = weight normalisation, as the official), maps h_b to (r, c, p, q, g): r, p [d_out], c, q [d_in],
+(WN = weight normalisation, as the official; its scale starts at 1), maps h_b to (r, c, p, q, g): r, p [d_out], c, q [d_in],
 g a scalar. In [d_out, d_in] orientation (transposed for [in, out] kernels):
   mask m_b = softmax(r) c^T,   offset o_b = softmax(p) q^T,   gate s_b = max_scale * sigmoid(g),
   W_l' = W_l - sum_b s_b (G_lb * m_b + o_b),
-G_lb = example b's term of the fine-tuning gradient of the batch's L_e (token-mean NLL), so for one
-edit G is exactly grad_W L_e. Since G_lb = sum_t delta_bt u_bt^T (capture), G_lb * (a c^T) =
+G_lb = the fine-tuning gradient of edit b's own token-mean NLL (as MEND's edit loss; for one edit
+exactly the official grad_W L_e). Since G_lb = sum_t delta_bt u_bt^T (capture), G_lb * (a c^T) =
 sum_t (a * delta_bt)(c * u_bt)^T: the update is a rank-1 sum, no per-example gradient is formed.
 The official code handles one edit per batch only; summing per-example updates is this port's
 extension to k edits (identical for k = 1). The official adds the update (W + ...); this port
@@ -41,6 +41,7 @@ from flax import traverse_util
 
 from mend_jax import algs
 from mend_jax import capture as capture_lib
+from mend_jax import losses
 from mend_jax.algs import AlgState
 from mend_jax.mend import get_leaves, replace_leaves
 from mend_jax.models import EditableModel
@@ -88,8 +89,24 @@ def find_embedding(model: EditableModel, params) -> str:
   return (named or cands)[0]
 
 
+# PyTorch's default initialisations, as the official modules get them: Linear kernels
+# U(+-1/sqrt(fan_in)); every LSTM weight and bias U(+-1/sqrt(hidden)) (no orthogonal init, which
+# is also slow to compile on CPU).
+_torch_linear = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _torch_lstm(hidden: int):
+  bound = 1.0 / hidden ** 0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 def _wn_dense(features: int, name: str) -> nn.Module:
-  return nn.WeightNorm(nn.Dense(features), name=name)
+  return nn.WeightNorm(nn.Dense(features, kernel_init=_torch_linear), name=name)
+
+
+def _lstm(hidden: int) -> nn.Module:
+  init = _torch_lstm(hidden)
+  return nn.OptimizedLSTMCell(hidden, kernel_init=init, recurrent_kernel_init=init, bias_init=init)
 
 
 class KENet(nn.Module):
@@ -118,11 +135,11 @@ class KENet(nn.Module):
     order = jnp.argsort(jnp.where(valid, 0, 1), axis=1, stable=True)
     x = jnp.take_along_axis(x, order[..., None], axis=1)
     lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
-    (_, h_f), _ = nn.RNN(nn.OptimizedLSTMCell(self.lstm_hidden), return_carry=True, name="lstm_fwd")(
+    (_, h_f), _ = nn.RNN(_lstm(self.lstm_hidden), return_carry=True, name="lstm_fwd")(
         x, seq_lengths=lengths)
-    (_, h_b), _ = nn.RNN(nn.OptimizedLSTMCell(self.lstm_hidden), return_carry=True, reverse=True,
+    (_, h_b), _ = nn.RNN(_lstm(self.lstm_hidden), return_carry=True, reverse=True,
                          keep_order=True, name="lstm_bwd")(x, seq_lengths=lengths)
-    cond = jnp.tanh(nn.Dense(self.cond_dim, name="cond")(jnp.concatenate([h_f, h_b], -1)))
+    cond = jnp.tanh(nn.Dense(self.cond_dim, kernel_init=_torch_linear, name="cond")(jnp.concatenate([h_f, h_b], -1)))
     out = []
     for i, (d_in, d_out) in enumerate(self.shapes):
       h = jnp.tanh(_wn_dense(self.cond_hidden, f"layer{i}_hidden")(cond))
@@ -175,7 +192,8 @@ class KE:
     net = self._net(self._embed_dim)
     ids = jnp.ones((1, 2), jnp.int32)
     label = jnp.zeros((1,), jnp.int32) if self.model.task == "binary" else None
-    params = net.init(rng, ids, jnp.zeros_like(ids), jnp.ones((1, 2), bool), label)["params"]
+    # One compiled init (eager flax init of the LSTM scans runs op by op, seconds on CPU).
+    params = jax.jit(net.init)(rng, ids, jnp.zeros_like(ids), jnp.ones((1, 2), bool), label)["params"]
     if self.cfg.embed_init == "model":
       path = find_embedding(self.model, base_params)
       table = get_leaves(base_params, [path])[path]
@@ -196,7 +214,9 @@ class KE:
   def edit(self, state: AlgState, params, batch: Mapping[str, jax.Array]):
     """W' = W - sum_b s_b (G_b * m_b + o_b) on each editable matrix. Returns (new_params, info),
     info = {loss_before: [], update_norm: [n_layers], gate: [n_layers, B]}. Pure and jittable."""
-    cap = capture_lib.capture(self.model, params, batch)
+    task = self.model.task
+    cap = capture_lib.capture(self.model, params, batch,
+                              loss_fn=lambda logits, b: losses.nll_per_edit_sum(task, logits, b))
     facs = self.factors(state.params["net"], batch)
     kernels = get_leaves(params, self.model.layer_paths)
     new, norms = {}, []
