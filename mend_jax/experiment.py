@@ -230,8 +230,35 @@ def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str 
   return res
 
 
-def write_results(workdir: str, results: Mapping) -> str:
-  path = os.path.join(workdir, "results.json")
+def evaluate_k_sweep(config, workdir: str, task: Task | None = None, split: str = "test",
+                     ks=(1, 5, 25, 125), sequential: bool = True) -> dict:
+  """Batched and sequential editing for each k (`evaluate.evaluate_ks`) with the saved editor.
+  Writes workdir/results_k.json, workdir/results_k.md (the table) and workdir/k_sweep.png."""
+  task = task or prepare(config)
+  loaded = ckpt_lib.load_editor(workdir, task.model)
+  data = getattr(task, split)
+  n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
+  res = eval_lib.evaluate_ks(loaded.mend, loaded.state, task.model.params, data, tuple(ks), n, sequential)
+  table = eval_lib.ks_table(res)
+  print(table)
+  write_results(workdir, {"split": split, "checkpoint_step": int(loaded.meta.get("step", -1)),
+                          **{mode: {str(k): r for k, r in rs.items()} for mode, rs in res.items()}},
+                name="results_k.json")
+  _write_text(os.path.join(workdir, "results_k.md"), table + "\n")
+  eval_lib.plot_ks(res, os.path.join(workdir, "k_sweep.png"), title=f"{config.task}: {split} split")
+  return res
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_results(workdir: str, results: Mapping, name: str = "results.json") -> str:
+  """Writes workdir/name atomically (a temporary file renamed), so a crash never leaves half."""
+  path = os.path.join(workdir, name)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(dict(results), f, indent=2, sort_keys=True)
