@@ -300,11 +300,12 @@ def _flax_class(family: Family):
   return getattr(transformers, family.flax_class)
 
 
-def _wrap(hf_model, editable: Sequence[str] | None) -> EditableModel:
+def _wrap(hf_model, editable: Sequence[str] | None, params=None) -> EditableModel:
   family = family_for_config(hf_model.config)
+  params = hf_model.params if params is None else params
   regexes = tuple(editable) if editable else family.default_editable(hf_model.config)
-  layers = resolve_layers(hf_model.params, regexes, family.kernel_layout)
-  return EditableModel(hf_model, family, layers, hf_model.params)
+  layers = resolve_layers(params, regexes, family.kernel_layout)
+  return EditableModel(hf_model, family, layers, params)
 
 
 def model_from_config(hf_config, editable: Sequence[str] | None = None, seed: int = 0,
@@ -313,8 +314,12 @@ def model_from_config(hf_config, editable: Sequence[str] | None = None, seed: in
   family = family_for_config(hf_config)
   if family.task == "binary" and getattr(hf_config, "num_labels", 1) != 1:
     hf_config.num_labels = 1
-  hf_model = _flax_class(family)(hf_config, seed=seed, dtype=dtype)
-  return _wrap(hf_model, editable)
+  # Initialised under one jit: the eager init of the Flax classes keeps every temporary alive at
+  # once (about twice the parameters' memory at peak).
+  hf_model = _flax_class(family)(hf_config, seed=seed, dtype=dtype, _do_init=False)
+  init = jax.jit(hf_model.init_weights, static_argnums=1)
+  params = init(jax.random.PRNGKey(seed), hf_model.input_shape)
+  return _wrap(hf_model, editable, params)
 
 
 def load_model(name_or_path: str, editable: Sequence[str] | None = None, dtype=jnp.float32,
