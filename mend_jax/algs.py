@@ -29,10 +29,21 @@ import jax
 import jax.numpy as jnp
 
 from mend_jax import losses
+from mend_jax.mend import get_leaves
 from mend_jax.models import EditableModel
 
 ALGS = ("mend", "ft", "ft_kl", "enn", "ke")
 KL_POSITIONS = ("answer", "all")
+
+
+class Objective(NamedTuple):
+  """The training loss weights of Algorithm 1, the same for every learned editor (from
+  `train.TrainConfig`): L = c_edit * L_e(equiv) + c_loc * KL(p_base || p_edited)(loc), the KL at
+  the answer positions ("answer") or every non-pad token ("all")."""
+
+  c_edit: float = 0.1
+  c_loc: float = 1.0
+  kl_positions: str = "answer"
 
 
 class AlgState(NamedTuple):
@@ -156,8 +167,6 @@ def post_edit_loss(model: EditableModel, edited_params, ref_params, batch, c_edi
 
 def update_norms(model: EditableModel, old_params, new_params) -> jax.Array:
   """[n_layers] Frobenius norm of each editable matrix's change (float32)."""
-  from mend_jax.mend import get_leaves
-
   old, new = get_leaves(old_params, model.layer_paths), get_leaves(new_params, model.layer_paths)
   return jnp.stack([jnp.linalg.norm((new[p].astype(jnp.float32) - old[p].astype(jnp.float32)))
                     for p in model.layer_paths])

@@ -12,14 +12,12 @@ import numpy as np
 import optax
 import pytest
 import transformers as tf
+from conftest import make_batch, tiny_model
 from flax import traverse_util
 
-from conftest import make_batch, tiny_model
-from mend_jax import algs
-from mend_jax import losses
-from mend_jax import models
+from mend_jax import algs, losses, models
 from mend_jax.algs import AlgState
-from mend_jax.baselines import ENN, FT, KE, ENNConfig, FTConfig, FTKLConfig, KEConfig
+from mend_jax.baselines import ENN, FT, KE, ENNConfig
 from mend_jax.mend import get_leaves, replace_leaves
 
 FAMILIES = ("gpt2", "t5", "bert")
@@ -152,7 +150,7 @@ def test_ft_kl_objective_includes_the_kl_and_changes_the_trajectory():
   assert len(rows) > 1
   # Same optimizer and lr as FT, different objective: a different edit.
   new_kl, info_kl = alg.jit_edit(state, model.params, batch)
-  new_ft, info_ft = ft.jit_edit(ft_state, model.params, batch)
+  new_ft, _ = ft.jit_edit(ft_state, model.params, batch)
   assert float(info_kl["loss_loc"]) > 0
   path = model.layer_paths[0]
   assert not np.allclose(_flat(new_kl)[path], _flat(new_ft)[path])
@@ -241,7 +239,7 @@ def test_enn_training_leaves_the_frozen_original_untouched(x64):
   tx = optax.multi_transform({"net": optax.adam(1e-3), "alpha": optax.adam(1e-2)}, enn.param_labels)
   params, opt = state.params, tx.init(state.params)
   for _ in range(3):
-    (_, (_, metrics)), g = vg(params, state.aux, base, batch)
+    _, g = vg(params, state.aux, base, batch)
     upd, opt = tx.update(g, opt, params)
     params = optax.apply_updates(params, upd)
   for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(saved)):
@@ -261,6 +259,12 @@ def test_ke_edit_is_the_gated_masked_gradient_plus_offset():
   emb = "transformer/wte/embedding"
   np.testing.assert_array_equal(np.asarray(state.params["net"]["embed"]["embedding"]),
                                 np.asarray(_flat(model.params)[emb]))
+  # Host-side init: torch's defaults; weight norm starts at the identity reparametrisation.
+  net = state.params["net"]
+  wn = net["layer0"]["out"]
+  np.testing.assert_allclose(wn["scale"], np.linalg.norm(np.asarray(wn["kernel"]), axis=0), rtol=1e-6)
+  lstm = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(net["lstm_fwd"])])
+  assert np.abs(lstm).max() <= 1 / KE_SMALL["lstm_hidden"] ** 0.5 and lstm.std() > 0.1
   new, info = alg.jit_edit(state, model.params, batch)
   facs = jax.jit(alg.factors)(state.params["net"], batch)
 
@@ -288,19 +292,29 @@ def test_ke_edit_is_the_gated_masked_gradient_plus_offset():
 # ---------------------------------------------------------------- every editor, three families
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_editor_changes_exactly_the_editable_layers(family):
-  """Jitted edits on a causal LM, a seq2seq model and a classifier: finite, and only the editable
-  matrices change (MEND's own test checks the same set, model.layer_paths, for MEND)."""
+  """Jitted edits on a causal LM, a seq2seq model and a classifier: finite, and exactly the
+  editable matrices change, the same set as MEND's edit (compared on gpt2; MEND's own tests cover
+  the other families)."""
   model = tiny_model(family)
   batch = _edit_batch(model, seed=5)
   before = _flat(model.params)
+
+  def changed_paths(new):
+    after = _flat(new)
+    assert set(after) == set(before)
+    return {p for p in before if not np.array_equal(np.asarray(before[p]), np.asarray(after[p]))}
+
+  if family == "gpt2":
+    mend = algs.make_alg("mend", model, {"rank": 4})
+    assert changed_paths(mend.jit_edit(mend.init(jax.random.PRNGKey(0)), model.params, batch)[0]) == set(
+        model.layer_paths)
   # Plain FT runs on gpt2 only: FT+KL runs the same loop with its objective plus the KL term.
   for name in ("ft", "ft_kl", "enn", "ke") if family == "gpt2" else ("ft_kl", "enn", "ke"):
     alg, state = _alg(name, family)
     new, info = alg.jit_edit(state, alg.pre_edit_params(state, model.params), batch)
-    after = _flat(new)
-    assert set(after) == set(before), name
-    changed = {p for p in before if not np.array_equal(np.asarray(before[p]), np.asarray(after[p]))}
+    changed = changed_paths(new)
     assert changed == set(model.layer_paths), (name, sorted(changed ^ set(model.layer_paths)))
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves((new, info))), name
     assert info["update_norm"].shape == (len(model.layers),), name
+    after = _flat(new)
     assert all(after[p].dtype == before[p].dtype for p in before), name

@@ -5,4 +5,4 @@ from mend_jax.baselines.enn import ENN, ENNConfig
 from mend_jax.baselines.ft import FT, FTConfig, FTKLConfig
 from mend_jax.baselines.ke import KE, KEConfig
 
-__all__ = ["ENN", "ENNConfig", "FT", "FTConfig", "FTKLConfig", "KE", "KEConfig"]
+__all__ = ["ENN", "FT", "KE", "ENNConfig", "FTConfig", "FTKLConfig", "KEConfig"]

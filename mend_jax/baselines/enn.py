@@ -28,8 +28,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from mend_jax import algs
-from mend_jax import losses
+from mend_jax import algs, losses
 from mend_jax.algs import AlgState
 from mend_jax.mend import get_leaves, replace_leaves
 from mend_jax.models import EditableModel

@@ -5,7 +5,7 @@ Per edit b of the batch, a BiLSTM reads the edit text and gives a condition vect
   h_b = tanh(Dense_cond([h_fwd, h_bwd]))                            [cond_dim]
 (final hidden states of a forward and a backward LSTM, as allennlp's Seq2Vec wrapper). For each
 editable matrix l its own conditioner, WNDense(cond_hidden) -> tanh -> WNDense(2 (d_in + d_out) + 1)
-(WN = weight normalisation, as the official; its scale starts at 1), maps h_b to (r, c, p, q, g): r, p [d_out], c, q [d_in],
+(WN = weight normalisation, as the official), maps h_b to (r, c, p, q, g): r, p [d_out], c, q [d_in],
 g a scalar. In [d_out, d_in] orientation (transposed for [in, out] kernels):
   mask m_b = softmax(r) c^T,   offset o_b = softmax(p) q^T,   gate s_b = max_scale * sigmoid(g),
   W_l' = W_l - sum_b s_b (G_lb * m_b + o_b),
@@ -37,11 +37,11 @@ from typing import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
-from mend_jax import algs
+from mend_jax import algs, losses
 from mend_jax import capture as capture_lib
-from mend_jax import losses
 from mend_jax.algs import AlgState
 from mend_jax.mend import get_leaves, replace_leaves
 from mend_jax.models import EditableModel
@@ -89,28 +89,50 @@ def find_embedding(model: EditableModel, params) -> str:
   return (named or cands)[0]
 
 
-# PyTorch's default initialisations, as the official modules get them: Linear kernels
-# U(+-1/sqrt(fan_in)); every LSTM weight and bias U(+-1/sqrt(hidden)) (no orthogonal init, which
-# is also slow to compile on CPU).
-_torch_linear = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-
-
-def _torch_lstm(hidden: int):
-  bound = 1.0 / hidden ** 0.5
+# Initialisation: PyTorch's defaults, as the official modules get them. Linear weights and biases
+# U(+-1/sqrt(fan_in)); every LSTM weight and bias U(+-1/sqrt(hidden)); weight norm's scale g starts
+# at the norm of each output unit's weights (so the initial weight is v itself); the token table
+# N(0, 1) unless copied from the model; segment and label embeddings N(0, 0.02). `init_params`
+# draws them on the host with numpy: compiling flax's init (two LSTM scans, many random draws)
+# takes seconds per editor on CPU. The modules' own initialisers give the same distributions.
+def _uniform(bound: float):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _wn_dense(features: int, name: str) -> nn.Module:
-  return nn.WeightNorm(nn.Dense(features, kernel_init=_torch_linear), name=name)
+class WNDense(nn.Module):
+  """A weight-normalised linear layer: y = x (v * g / ||v||_col) + b, v: [in, out], g, b: [out]."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    bound = 1.0 / x.shape[-1] ** 0.5
+    v = self.param("kernel", _uniform(bound), (x.shape[-1], self.features))
+    g = self.param("scale", lambda _: jnp.linalg.norm(v, axis=0))
+    b = self.param("bias", _uniform(bound), (self.features,))
+    return x @ (v * (g / jnp.linalg.norm(v, axis=0))) + b
 
 
-def _lstm(hidden: int) -> nn.Module:
-  init = _torch_lstm(hidden)
-  return nn.OptimizedLSTMCell(hidden, kernel_init=init, recurrent_kernel_init=init, bias_init=init)
+class Conditioner(nn.Module):
+  """Condition vector [B, cond_dim] -> (r, c, p, q, gate) for one [d_in, d_out] matrix."""
+
+  d_in: int
+  d_out: int
+  hidden: int
+  max_scale: float
+
+  @nn.compact
+  def __call__(self, cond):
+    d_in, d_out = self.d_in, self.d_out
+    o = WNDense(2 * (d_in + d_out) + 1, name="out")(jnp.tanh(WNDense(self.hidden, name="hidden")(cond)))
+    r, c, p, q, g = jnp.split(o, [d_out, d_out + d_in, 2 * d_out + d_in, 2 * (d_out + d_in)], axis=-1)
+    return jax.nn.softmax(r, -1), c, jax.nn.softmax(p, -1), q, self.max_scale * jax.nn.sigmoid(g[:, 0])
 
 
 class KENet(nn.Module):
-  """Edit text -> per-layer (r, c, p, q, gate). shapes: (d_in, d_out) per editable layer."""
+  """Edit text -> per-layer (r, c, p, q, gate). shapes: (d_in, d_out) per editable layer.
+
+  Parameters: embed, segment, label (binary only), lstm_fwd/cell, lstm_bwd/cell, cond, layer{i}."""
 
   vocab_size: int
   embed_dim: int
@@ -125,28 +147,50 @@ class KENet(nn.Module):
     """ids, segment: [B,S] int; valid: [B,S] bool; label: [B] int in {0,1} or None.
     Returns a list (one per layer) of (r [B,d_out] softmaxed, c [B,d_in], p [B,d_out] softmaxed,
     q [B,d_in], gate [B])."""
-    x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(ids)
-    x = x + nn.Embed(2, self.embed_dim, embedding_init=nn.initializers.normal(0.02), name="segment")(segment)
+    small = nn.initializers.normal(0.02)
+    x = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=nn.initializers.normal(1.0), name="embed")(ids)
+    x = x + nn.Embed(2, self.embed_dim, embedding_init=small, name="segment")(segment)
     if label is not None:
-      lab = nn.Embed(2, self.embed_dim, embedding_init=nn.initializers.normal(0.02), name="label")(label)
+      lab = nn.Embed(2, self.embed_dim, embedding_init=small, name="label")(label)
       x = jnp.concatenate([x, lab[:, None]], 1)
       valid = jnp.concatenate([valid, jnp.ones_like(valid[:, :1])], 1)
     # Pack the valid tokens to the front (stable), so seq_lengths describes them for both directions.
     order = jnp.argsort(jnp.where(valid, 0, 1), axis=1, stable=True)
     x = jnp.take_along_axis(x, order[..., None], axis=1)
     lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
-    (_, h_f), _ = nn.RNN(_lstm(self.lstm_hidden), return_carry=True, name="lstm_fwd")(
+    init = _uniform(1.0 / self.lstm_hidden ** 0.5)
+    # parent=None: the RNN adopts the cell, so its parameters live under lstm_*/cell.
+    cell = lambda: nn.OptimizedLSTMCell(self.lstm_hidden, kernel_init=init, recurrent_kernel_init=init,
+                                        bias_init=init, parent=None)
+    (_, h_f), _ = nn.RNN(cell(), return_carry=True, name="lstm_fwd")(x, seq_lengths=lengths)
+    (_, h_b), _ = nn.RNN(cell(), return_carry=True, reverse=True, keep_order=True, name="lstm_bwd")(
         x, seq_lengths=lengths)
-    (_, h_b), _ = nn.RNN(_lstm(self.lstm_hidden), return_carry=True, reverse=True,
-                         keep_order=True, name="lstm_bwd")(x, seq_lengths=lengths)
-    cond = jnp.tanh(nn.Dense(self.cond_dim, kernel_init=_torch_linear, name="cond")(jnp.concatenate([h_f, h_b], -1)))
-    out = []
-    for i, (d_in, d_out) in enumerate(self.shapes):
-      h = jnp.tanh(_wn_dense(self.cond_hidden, f"layer{i}_hidden")(cond))
-      o = _wn_dense(2 * (d_in + d_out) + 1, f"layer{i}_out")(h)
-      r, c, p, q, g = jnp.split(o, [d_out, d_out + d_in, 2 * d_out + d_in, 2 * (d_out + d_in)], axis=-1)
-      out.append((jax.nn.softmax(r, -1), c, jax.nn.softmax(p, -1), q, self.max_scale * jax.nn.sigmoid(g[:, 0])))
-    return out
+    h = jnp.concatenate([h_f, h_b], -1)
+    bound = 1.0 / h.shape[-1] ** 0.5
+    cond = jnp.tanh(nn.Dense(self.cond_dim, kernel_init=_uniform(bound), bias_init=_uniform(bound), name="cond")(h))
+    return [Conditioner(d_in, d_out, self.cond_hidden, self.max_scale, name=f"layer{i}")(cond)
+            for i, (d_in, d_out) in enumerate(self.shapes)]
+
+
+def init_params(shapes, seed: int, lstm_hidden: int) -> dict:
+  """KENet parameters for the abstract tree `shapes` (from jax.eval_shape of its init), drawn on
+  the host with the distributions above."""
+  rng = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(shapes)
+  out = {}
+  for path in sorted(flat, key=lambda p: (p[:-1], p[-1] == "scale")):  # each kernel before its scale
+    shape, name = flat[path].shape, path[-1]
+    if name == "embedding":
+      x = rng.normal(0.0, 1.0 if path[0] == "embed" else 0.02, shape)
+    elif path[0].startswith("lstm_"):
+      x = rng.uniform(-1, 1, shape) / lstm_hidden ** 0.5
+    elif name == "scale":
+      x = np.linalg.norm(out[(*path[:-1], "kernel")], axis=0)
+    else:  # Dense / WNDense kernel [in, out] or bias [out]
+      fan_in = flat[(*path[:-1], "kernel")].shape[0]
+      x = rng.uniform(-1, 1, shape) / fan_in ** 0.5
+    out[path] = np.asarray(x, np.float32)
+  return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in out.items()})
 
 
 def edit_text(task: str, batch: Mapping[str, jax.Array]):
@@ -192,8 +236,9 @@ class KE:
     net = self._net(self._embed_dim)
     ids = jnp.ones((1, 2), jnp.int32)
     label = jnp.zeros((1,), jnp.int32) if self.model.task == "binary" else None
-    # One compiled init (eager flax init of the LSTM scans runs op by op, seconds on CPU).
-    params = jax.jit(net.init)(rng, ids, jnp.zeros_like(ids), jnp.ones((1, 2), bool), label)["params"]
+    shapes = jax.eval_shape(net.init, rng, ids, jnp.zeros_like(ids), jnp.ones((1, 2), bool), label)["params"]
+    seed = np.asarray(jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng)
+    params = init_params(shapes, [int(v) for v in seed.ravel()], self.cfg.lstm_hidden)
     if self.cfg.embed_init == "model":
       path = find_embedding(self.model, base_params)
       table = get_leaves(base_params, [path])[path]
