@@ -2,11 +2,11 @@
 
 A work directory holds two CheckpointManagers: workdir/checkpoints (the latest training state, for
 resume) and workdir/best (the best state by validation loss). Each checkpoint has three items:
-  state:  the full TrainState (editor params, normalisation statistics with their counts,
-          optimizer state, step, rng, skipped-step count);
-  editor: just {"params", "stats"} (what `load_editor` restores);
-  meta:   JSON: the experiment config, the editor config, the model family and its editable layers
-          with their shapes (checked on restore), plus loop bookkeeping.
+  state:  the full TrainState (editor params, its aux state such as MEND's normalisation
+          statistics with their counts, optimizer state, step, rng, skipped-step count);
+  editor: just {"params", "aux"} (what `load_editor` restores);
+  meta:   JSON: the experiment config, the algorithm's name and config, the model family and its
+          editable layers with their shapes (checked on restore), plus loop bookkeeping.
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint intact.
 """
@@ -14,20 +14,21 @@ mid-save leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 
-from mend_jax.editor import EditorConfig
-from mend_jax.mend import MEND, EditorState, check_batch
+from mend_jax.mend import check_batch
 from mend_jax.models import EditableModel
 
 
-def model_fingerprint(editor: MEND) -> dict:
+def model_fingerprint(editor) -> dict:
   m = editor.model
   return {
+      "alg": editor.name,
       "family": m.family.name,
       "layers": [[l.path, l.d_in, l.d_out] for l in m.layers],
       "editor_config": dataclasses.asdict(editor.cfg),
@@ -38,7 +39,7 @@ class CheckpointMismatch(ValueError):
   """A checkpoint made for another model or other editable layers."""
 
 
-def check_fingerprint(meta: Mapping, editor: MEND, where: str) -> None:
+def check_fingerprint(meta: Mapping, editor, where: str) -> None:
   want = model_fingerprint(editor)
   if meta.get("family") != want["family"]:
     raise CheckpointMismatch(
@@ -68,7 +69,7 @@ class Checkpoints:
     meta = {**self.meta, **(extra or {}), "step": int(step)}
     mngr.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        editor=ocp.args.StandardSave({"params": state.params, "stats": state.stats}),
+        editor=ocp.args.StandardSave({"params": state.params, "aux": state.aux}),
         meta=ocp.args.JsonSave(meta)), force=True)
     mngr.wait_until_finished()
 
@@ -86,7 +87,7 @@ class Checkpoints:
     if step is None:
       return abstract_state, {}
     meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    for key in ("family", "layers", "editor_config"):
+    for key in ("alg", "family", "layers", "editor_config"):
       if meta.get(key) != self.meta.get(key):
         raise CheckpointMismatch(
             f"work directory {self.workdir!r} holds a checkpoint whose {key} is {meta.get(key)!r}, but this "
@@ -122,33 +123,61 @@ def read_meta(path: str) -> dict:
 
 @dataclasses.dataclass
 class LoadedEditor:
-  """A trained editor, ready to use: `new_params, info = editor.edit(params, batch)` (jitted)."""
+  """A trained editor, ready to use: `new_params, info = editor.edit(params, batch)` (jitted).
 
-  mend: MEND
-  state: EditorState
+  alg: the algorithm object (MEND, ENN, KE, FT, FT+KL; see `mend_jax.algs`); state: its state.
+  The edit starts from `alg.pre_edit_params(state, params)`: `params` itself, except for ENN,
+  whose training changed the model (its trained copy is in the state)."""
+
+  alg: Any
+  state: Any
   meta: dict
 
-  def edit(self, params, batch, diagnostics: bool = False):
+  @property
+  def mend(self):  # the name research code used before the other algorithms existed
+    return self.alg
+
+  def edit(self, params, batch, **kwargs):
     """Checks the batch on the host (clear errors), then runs the jitted edit."""
-    check_batch(self.mend.model, batch)
-    return self.mend.jit_edit(self.state, params, batch, diagnostics=diagnostics)
+    check_batch(self.alg.model, batch)
+    return _jitted_edit(self.alg, tuple(sorted(kwargs.items())))(self.state, params, batch)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_edit(alg, kwargs):
+  def edit(state, params, batch):
+    return alg.edit(state, alg.pre_edit_params(state, params), batch, **dict(kwargs))
+
+  return jax.jit(edit)
 
 
 def load_editor(path: str, model: EditableModel) -> LoadedEditor:
   """Restores the editor saved under `path` (a work directory: its best checkpoint, else its
   latest; or a checkpoint directory) for `model`. Raises CheckpointMismatch if the checkpoint was
   made for another model family or other editable layers."""
+  from mend_jax import algs
+
   ckpt_dir = _resolve(path)
   mngr = _manager(ckpt_dir, False)
   step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint at {path!r}")
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  cfg = EditorConfig(**meta["editor_config"])
-  editor = MEND(model, cfg)
+  editor = algs.make_alg(meta.get("alg", "mend"), model, meta["editor_config"])
   check_fingerprint(meta, editor, repr(path))
-  abstract = editor.init(jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(editor.init, jax.random.PRNGKey(0), model.params)
   target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                  {"params": abstract.params, "stats": abstract.stats})
+                                  {"params": abstract.params, "aux": abstract.aux})
   restored = mngr.restore(step, args=ocp.args.Composite(editor=ocp.args.StandardRestore(target)))["editor"]
-  return LoadedEditor(editor, EditorState(restored["params"], restored["stats"]), meta)
+  return LoadedEditor(editor, type(abstract)(restored["params"], restored["aux"]), meta)
+
+
+def save_untrained(editor, base_params, workdir: str, seed: int, meta: Mapping) -> dict:
+  """For editors with nothing to train (FT, FT+KL): saves their initial state as the work
+  directory's checkpoint, so evaluation, scripts/edit.py and `load_editor` treat every algorithm
+  alike. Returns a training summary with zero steps."""
+  state = jax.jit(editor.init)(jax.random.PRNGKey(seed), base_params)
+  mngr = Checkpoints(workdir, {**dict(meta), **model_fingerprint(editor)})
+  mngr.save_best(0, state)
+  mngr.close()
+  return {"steps": 0, "best_val_loss": None, "stopped_early": False, "n_skipped": 0, "train_time_s": 0.0}

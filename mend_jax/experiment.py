@@ -14,7 +14,9 @@ import time
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 
+from mend_jax import algs as algs_lib
 from mend_jax import checkpoint as ckpt_lib
 from mend_jax import evaluate as eval_lib
 from mend_jax import train as train_lib
@@ -185,22 +187,53 @@ def _prepare_paper(config) -> Task:
               build(test, f"{config.task} test"))
 
 
-def make_editor(config, model: EditableModel) -> MEND:
-  return MEND(model, build_dataclass(EditorConfig, config.editor, "editor"))
+def alg_name(config) -> str:
+  name = str(config.get("alg", "mend"))
+  if name not in algs_lib.ALGS:
+    raise ValueError(f"config.alg must be one of {algs_lib.ALGS}, got {name!r}")
+  return name
+
+
+def make_editor(config, model: EditableModel):
+  """The editor config.alg names ("mend" by default), configured by config.editor for MEND and by
+  config.<alg> (e.g. config.enn) for the baselines; unknown keys raise a clear error."""
+  name = alg_name(config)
+  if name == "mend":
+    return MEND(model, build_dataclass(EditorConfig, config.editor, "editor"))
+  return algs_lib.make_alg(name, model, dict(config.get(name, None) or {}))
+
+
+def num_params(editor, base_params) -> int:
+  """Trained parameters of a learned editor (ENN: the whole model plus its inner lrs); 0 for FT."""
+  shapes = jax.eval_shape(editor.init, jax.random.PRNGKey(0), base_params)
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(shapes.params)))
+
+
+def with_loc_pool(editor, state, data: EditData, max_rows: int = 1000):
+  """FT+KL samples locality examples during each edit: give it the training split's."""
+  if not getattr(editor, "needs_loc_pool", False):
+    return state
+  idx = np.arange(min(len(data), max_rows))
+  return editor.with_loc_pool(state, data.loc.take(idx))
 
 
 def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
-  """Trains an editor (resuming from workdir if a checkpoint is there), evaluates the best one on
-  the test split, writes workdir/results.json and returns the results."""
+  """Trains a learned editor (resuming from workdir if a checkpoint is there) or, for FT / FT+KL,
+  saves their (untrained) state; evaluates the best one on the test split, writes
+  workdir/results.json and returns the results."""
   t0 = time.time()
   tcfg = build_dataclass(train_lib.TrainConfig, config.train, "train")
   task = prepare(config)
   editor = make_editor(config, task.model)
   print(f"base model: {task.model.family.name}, editing {len(task.model.layers)} layers "
-        f"{[l.path for l in task.model.layers]}; editor parameters: "
-        f"{editor.num_params(editor.init(jax.random.PRNGKey(0))):,}")
-  _, summary = train_lib.fit(editor, tcfg, task.model.params, task.train, task.val, workdir,
-                             seed=int(config.seed), meta={"config": _plain(config)}, progress=progress)
+        f"{[l.path for l in task.model.layers]}; {editor.name} parameters: "
+        f"{num_params(editor, task.model.params):,}")
+  if editor.learned:
+    _, summary = train_lib.fit(editor, tcfg, task.model.params, task.train, task.val, workdir,
+                               seed=int(config.seed), meta={"config": _plain(config)}, progress=progress)
+  else:
+    summary = ckpt_lib.save_untrained(editor, task.model.params, workdir, int(config.seed),
+                                      {"config": _plain(config)})
   results = evaluate_workdir(config, workdir, task=task)
   results.update(summary)
   results["total_time_s"] = time.time() - t0
@@ -220,8 +253,9 @@ def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str 
   loaded = ckpt_lib.load_editor(workdir, task.model)
   data = getattr(task, split)
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
-  res = eval_lib.evaluate(loaded.mend, loaded.state, task.model.params, data, n_edits=n,
-                          k=int(k or config.eval.k))
+  state = with_loc_pool(loaded.alg, loaded.state, task.train)
+  res = eval_lib.evaluate(loaded.alg, state, task.model.params, data, n_edits=n, k=int(k or config.eval.k))
+  res["alg"] = loaded.alg.name
   res["split"] = split
   res["checkpoint_step"] = int(loaded.meta.get("step", -1))
   print("results on %s: %s" % (split, ", ".join(
@@ -238,7 +272,8 @@ def evaluate_k_sweep(config, workdir: str, task: Task | None = None, split: str 
   loaded = ckpt_lib.load_editor(workdir, task.model)
   data = getattr(task, split)
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
-  res = eval_lib.evaluate_ks(loaded.mend, loaded.state, task.model.params, data, tuple(ks), n, sequential)
+  state = with_loc_pool(loaded.alg, loaded.state, task.train)
+  res = eval_lib.evaluate_ks(loaded.alg, state, task.model.params, data, tuple(ks), n, sequential)
   table = eval_lib.ks_table(res)
   print(table)
   write_results(workdir, {"split": split, "checkpoint_step": int(loaded.meta.get("step", -1)),
@@ -294,16 +329,18 @@ def plot_metrics(workdir: str) -> str:
 def show_edit(workdir: str, task: Task, record: Mapping, loaded=None) -> dict:
   """Applies one edit (record's src -> alt) and prints greedy answers before and after."""
   loaded = loaded or ckpt_lib.load_editor(workdir, task.model)
+  loaded.state = with_loc_pool(loaded.alg, loaded.state, task.train)
   model, tok = task.model, task.tokenizer
   one = EditData.from_records([record], tok, task.train.edit.input_ids.shape[1], name="edit")
   new_params, info = loaded.edit(model.params, one.edit.take([0]))
+  start = loaded.alg.pre_edit_params(loaded.state, model.params)
   prompts = [("edit prompt", record["src"]), ("paraphrase", record["rephrase"]), ("unrelated", record["loc"])]
   out = {"target": record["alt"], "rows": []}
   n_new = max(1, len(tok.encode(" " + record["alt"].strip(), add_special_tokens=False)))
   print(f"\nEdit: {record['src']!r} -> {record['alt']!r}   (loss before {float(info['loss_before']):.3f})")
   print(f"{'':12s} {'prompt':45s} {'before':>12s} {'after':>12s}")
   for name, p in prompts:
-    before = eval_lib.greedy_answer(model, model.params, tok, p, max_new_tokens=n_new)
+    before = eval_lib.greedy_answer(model, start, tok, p, max_new_tokens=n_new)
     after = eval_lib.greedy_answer(model, new_params, tok, p, max_new_tokens=n_new)
     out["rows"].append({"kind": name, "prompt": p, "before": before, "after": after})
     print(f"{name:12s} {p[:45]:45s} {before:>12s} {after:>12s}")

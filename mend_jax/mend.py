@@ -27,10 +27,15 @@ from mend_jax.models import EditableModel
 
 class EditorState(NamedTuple):
   """params: {"net": {group: network params}, "alpha": [n_layers] learned steps} (trained);
-  stats: {group: {"u": RunningStats, "delta": RunningStats}} (accumulated, not trained)."""
+  stats: {group: {"u": RunningStats, "delta": RunningStats}} (accumulated, not trained; the
+  `aux` of the editor interface in `mend_jax.algs`)."""
 
   params: dict
   stats: dict
+
+  @property
+  def aux(self) -> dict:
+    return self.stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +84,9 @@ class MEND:
     new_params, info = editor.jit_edit(state, params, batch)
   """
 
+  name = "mend"
+  learned = True
+
   def __init__(self, model: EditableModel, cfg: EditorConfig = EditorConfig()):
     self.model = model
     self.cfg = cfg
@@ -86,7 +94,9 @@ class MEND:
     self.nets = {g.key: MENDNet(cfg, n_modes=len(g.layer_ids)) for g in self.groups}
 
   # ---------------------------------------------------------------- state
-  def init(self, rng: jax.Array) -> EditorState:
+  def init(self, rng: jax.Array, base_params=None) -> EditorState:
+    """Identity-initialised networks, alpha = edit_lr, empty statistics (base_params unused)."""
+    del base_params
     nets = {}
     for i, g in enumerate(self.groups):
       u = jnp.zeros((1, g.d_in), jnp.float32)
@@ -212,6 +222,32 @@ class MEND:
     new_stats = self.update_stats(stats, cap) if self.cfg.norm else stats
     new_params, info = self.apply_updates(editor_params, new_stats, params, cap)
     return new_params, new_stats, info
+
+  # ---------------------------------------------------------------- the editor interface
+  def pre_edit_params(self, state: EditorState, base_params):
+    return base_params
+
+  def param_labels(self, train_params: dict) -> dict:
+    """The networks train with lr ("net"); the per-layer steps alpha with lr_lr ("alpha")."""
+    return {"net": jax.tree_util.tree_map(lambda _: "net", train_params["net"]), "alpha": "alpha"}
+
+  def loss(self, train_params: dict, aux: dict, base_params, batch, objective, train: bool = True):
+    """Algorithm 1's loss of one micro-batch {"edit", "equiv", "loc"}: edit with batch["edit"],
+    then objective.c_edit * L_e(equiv) + objective.c_loc * KL(p_base || p_edited)(loc).
+    Training (train=True) first absorbs the edit batch into the normalisation statistics (as the
+    official code); validation keeps them frozen. Returns (loss, (new_stats, metrics))."""
+    from mend_jax import algs
+
+    if train:
+      new_params, new_stats, info = self.edit_for_training(train_params, aux, base_params, batch["edit"])
+    else:
+      cap = self.capture(base_params, batch["edit"])
+      new_params, info = self.apply_updates(train_params, aux, base_params, cap)
+      new_stats = aux
+    loss, metrics = algs.post_edit_loss(self.model, new_params, base_params, batch, objective.c_edit,
+                                        objective.c_loc, objective.kl_positions)
+    metrics.update(loss_before=info["loss_before"], update_norm=jnp.mean(info["update_norm"]))
+    return loss, (new_stats, metrics)
 
   def num_params(self, state: EditorState) -> int:
     return int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))

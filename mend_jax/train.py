@@ -1,10 +1,12 @@
-"""Training MEND (Algorithm 1 of the paper): loss, jitted step, validation, checkpoints, loop.
+"""Training a learned editor (MEND, ENN, KE): Algorithm 1's loop, jitted step, validation, checkpoints.
 
 Per step: edit with (x_e, y_e); L_e = token-mean NLL of the edited model on the paraphrase
-(x'_e, y_e); L_loc = KL(p_base || p_edited) on a locality batch; L = c_edit L_e + c_loc L_loc.
-Adam on the editor networks (lr) and, separately, on the per-layer steps alpha (lr_lr), global-norm
-clipping, gradient accumulation (optax.MultiSteps). A micro-step whose loss or gradient is not
-finite changes nothing (params, optimizer state, statistics) and is counted in `n_skipped`.
+(x'_e, y_e); L_loc = KL(p_base || p_edited) on a locality batch; L = c_edit L_e + c_loc L_loc
+(the algorithm's `loss`, see `mend_jax.algs`; ENN adds its base-model term). Adam on the editor's
+"net" leaves (lr) and, separately, on its "alpha" leaves (lr_lr: MEND's per-layer steps, ENN's
+inner learning rates), global-norm clipping, gradient accumulation (optax.MultiSteps). A
+micro-step whose loss or gradient is not finite changes nothing (params, optimizer state, aux)
+and is counted in `n_skipped`. Nothing here is specific to one algorithm.
 """
 
 from __future__ import annotations
@@ -22,18 +24,18 @@ import numpy as np
 import optax
 
 from mend_jax import checkpoint as ckpt_lib
-from mend_jax import losses
+from mend_jax.algs import Objective
 from mend_jax.data import EditData
-from mend_jax.mend import MEND
 
 
 class TrainState(NamedTuple):
-  """Everything a resumed run needs; `params` = editor params {"net", "alpha"}."""
+  """Everything a resumed run needs. params: the editor's trained pytree (MEND: {"net", "alpha"});
+  aux: what it carries untrained (MEND: normalisation statistics)."""
 
   step: jax.Array
-  params: dict
+  params: Any
   opt_state: Any
-  stats: dict
+  aux: Any
   rng: jax.Array
   n_skipped: jax.Array
 
@@ -41,7 +43,7 @@ class TrainState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   lr: float = 1e-4  # editor networks (official: 1e-6 on large models)
-  lr_lr: float = 1e-4  # the per-layer edit steps alpha
+  lr_lr: float = 1e-4  # the "alpha" leaves: MEND's per-layer edit steps, ENN's inner lrs
   c_edit: float = 0.1
   c_loc: float = 1.0
   accumulate: int = 10
@@ -56,10 +58,19 @@ class TrainConfig:
   ckpt_every: int = 200
   kl_positions: str = "answer"  # "answer": positions predicting loc_ans; "all": every non-pad token
 
+  @property
+  def objective(self) -> Objective:
+    return Objective(self.c_edit, self.c_loc, self.kl_positions)
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """Adam for the networks, its own Adam (lr_lr) for alpha, clipping, then accumulation."""
-  labels = lambda params: {"net": jax.tree_util.tree_map(lambda _: "net", params["net"]), "alpha": "alpha"}
+
+def _default_labels(params):
+  return {"net": jax.tree_util.tree_map(lambda _: "net", params["net"]), "alpha": "alpha"}
+
+
+def make_optimizer(cfg: TrainConfig, editor=None) -> optax.GradientTransformation:
+  """Adam (lr) for the editor's "net" leaves, its own Adam (lr_lr) for the "alpha" leaves
+  (`editor.param_labels`), clipping, then accumulation."""
+  labels = editor.param_labels if editor is not None else _default_labels
   inner = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.multi_transform({"net": optax.adam(cfg.lr), "alpha": optax.adam(cfg.lr_lr)}, labels),
@@ -67,46 +78,24 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   return optax.MultiSteps(inner, every_k_schedule=cfg.accumulate) if cfg.accumulate > 1 else inner
 
 
-def init_state(editor: MEND, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_state(editor, tx: optax.GradientTransformation, seed: int, base_params=None) -> TrainState:
+  """The initial state, built under jit (no eager temporaries: the editor of the 6x768 benchmark
+  has 59M parameters, plus two Adam moments)."""
   rng = jax.random.PRNGKey(seed)
-  st = editor.init(jax.random.fold_in(rng, 0))
-  return TrainState(jnp.zeros((), jnp.int32), st.params, tx.init(st.params), st.stats,
-                    jax.random.fold_in(rng, 1), jnp.zeros((), jnp.int32))
+
+  @jax.jit
+  def build(rng, base_params):
+    st = editor.init(jax.random.fold_in(rng, 0), base_params)
+    return TrainState(jnp.zeros((), jnp.int32), st.params, tx.init(st.params), st.aux,
+                      jax.random.fold_in(rng, 1), jnp.zeros((), jnp.int32))
+
+  return build(rng, base_params)
 
 
-def _prep_loc(batch, kl_positions):
-  if kl_positions == "all":  # KL at every non-pad token: the answer-only mask and positions go
-    return {k: v for k, v in batch.items() if k not in ("kl_mask", "read_pos", "read_mask")}
-  return batch
-
-
-def edit_loss(editor: MEND, cfg: TrainConfig, editor_params, stats, base_params, batch,
-              update_stats: bool = True):
-  """Loss and metrics for one micro-batch {"edit", "equiv", "loc"}. Returns
-  (loss, (new_stats, metrics)). Training absorbs the edit batch into the normalisation statistics
-  before editing (as the official code); validation (update_stats=False) keeps them frozen."""
-  model = editor.model
-  if update_stats:
-    new_params, new_stats, info = editor.edit_for_training(editor_params, stats, base_params, batch["edit"])
-  else:
-    cap = editor.capture(base_params, batch["edit"])
-    new_params, info = editor.apply_updates(editor_params, stats, base_params, cap)
-    new_stats = stats
-  eq_logits = model.logits(new_params, batch["equiv"])
-  l_edit = losses.nll(model.task, eq_logits, batch["equiv"])
-  loc = _prep_loc(batch["loc"], cfg.kl_positions)
-  base_loc_logits = jax.lax.stop_gradient(model.logits(base_params, loc))
-  post_loc_logits = model.logits(new_params, loc)
-  l_loc = losses.locality_kl(model.task, base_loc_logits, post_loc_logits, loc)
-  loss = cfg.c_edit * l_edit + cfg.c_loc * l_loc
-  metrics = {
-      "loss": loss, "loss_edit": l_edit, "loss_loc": l_loc, "loss_before": info["loss_before"],
-      "edit_success": jnp.mean(losses.exact_match(model.task, eq_logits, batch["equiv"])),
-      "loc_agree": jnp.mean(losses.exact_match(model.task, post_loc_logits, batch["loc"])
-                            == losses.exact_match(model.task, base_loc_logits, batch["loc"])),
-      "update_norm": jnp.mean(info["update_norm"]),
-  }
-  return loss, (new_stats, metrics)
+def edit_loss(editor, cfg: TrainConfig, train_params, aux, base_params, batch, update_stats: bool = True):
+  """The editor's loss and metrics for one micro-batch {"edit", "equiv", "loc"}: (loss, (new_aux,
+  metrics)). update_stats=False (validation) keeps carried statistics frozen."""
+  return editor.loss(train_params, aux, base_params, batch, cfg.objective, train=update_stats)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -114,22 +103,22 @@ def _all_finite(tree) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=32)
-def make_train_step(editor: MEND, cfg: TrainConfig, fault: Callable | None = None):
+def make_train_step(editor, cfg: TrainConfig, fault: Callable | None = None):
   """One jitted micro-step (state, base_params, batch) -> (state, metrics), donating the state.
   Cached per (editor, config), so repeated `fit` calls in one process compile once.
 
   `fault(loss, step)` lets a test inject a non-finite loss."""
-  tx = make_optimizer(cfg)
+  tx = make_optimizer(cfg, editor)
 
   def step_fn(state: TrainState, base_params, batch):
     def loss_fn(p):
-      loss, aux = edit_loss(editor, cfg, p, state.stats, base_params, batch)
+      loss, aux = edit_loss(editor, cfg, p, state.aux, base_params, batch)
       if fault is not None:
         loss = fault(loss, state.step)
       return loss, aux
 
-    (loss, (new_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_stats)
+    (loss, (new_aux, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_aux)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -138,7 +127,7 @@ def make_train_step(editor: MEND, cfg: TrainConfig, fault: Callable | None = Non
         step=state.step + 1,
         params=keep(new_params, state.params),
         opt_state=keep(new_opt, state.opt_state),
-        stats=keep(new_stats, state.stats),
+        aux=keep(new_aux, state.aux),
         rng=state.rng,
         n_skipped=state.n_skipped + (~ok).astype(jnp.int32),
     ), metrics
@@ -147,11 +136,11 @@ def make_train_step(editor: MEND, cfg: TrainConfig, fault: Callable | None = Non
 
 
 @functools.lru_cache(maxsize=32)
-def make_eval_step(editor: MEND, cfg: TrainConfig):
+def make_eval_step(editor, cfg: TrainConfig):
   """Jitted validation loss/metrics of a batch with frozen statistics."""
 
-  def eval_fn(params, stats, base_params, batch):
-    _, (_, metrics) = edit_loss(editor, cfg, params, stats, base_params, batch, update_stats=False)
+  def eval_fn(params, aux, base_params, batch):
+    _, (_, metrics) = edit_loss(editor, cfg, params, aux, base_params, batch, update_stats=False)
     return metrics
 
   return jax.jit(eval_fn)
@@ -163,13 +152,13 @@ def validate(eval_step, state: TrainState, base_params, data: EditData, cfg: Tra
   out: dict[str, list] = {}
   for i in range(n):
     loc_idx = np.arange(i, i + cfg.n_loc) % len(data)
-    m = eval_step(state.params, state.stats, base_params, data.batch(np.array([i]), loc_idx))
+    m = eval_step(state.params, state.aux, base_params, data.batch(np.array([i]), loc_idx))
     for k, v in m.items():
       out.setdefault(k, []).append(float(v))
   return {f"val/{k}": float(np.mean(v)) for k, v in out.items()}
 
 
-def fit(editor: MEND, cfg: TrainConfig, base_params, train: EditData, val: EditData, workdir: str,
+def fit(editor, cfg: TrainConfig, base_params, train: EditData, val: EditData, workdir: str,
         seed: int = 0, meta: Mapping | None = None, fault: Callable | None = None,
         progress: bool = True) -> tuple[TrainState, dict]:
   """The training loop. Resumes from workdir/checkpoints if present; keeps workdir/best.
@@ -180,11 +169,11 @@ def fit(editor: MEND, cfg: TrainConfig, base_params, train: EditData, val: EditD
   from tqdm.auto import tqdm
 
   os.makedirs(workdir, exist_ok=True)
-  tx = make_optimizer(cfg)
+  tx = make_optimizer(cfg, editor)
   meta = dict(meta or {})
   meta.update(ckpt_lib.model_fingerprint(editor))
   mngr = ckpt_lib.Checkpoints(workdir, meta)
-  state = init_state(editor, tx, seed)
+  state = init_state(editor, tx, seed, base_params)
   state, extra = mngr.restore_latest(state)
   best_val = extra.get("best_val", float("inf"))
   bad_vals = extra.get("bad_vals", 0)
@@ -194,7 +183,7 @@ def fit(editor: MEND, cfg: TrainConfig, base_params, train: EditData, val: EditD
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   t0 = time.time()
   acc: dict[str, list] = {}
-  bar = tqdm(total=cfg.max_steps, initial=start, disable=not progress, desc="train MEND", dynamic_ncols=True)
+  bar = tqdm(total=cfg.max_steps, initial=start, disable=not progress, desc=f"train {editor.name}", dynamic_ncols=True)
   stopped_early = False
   step = start
   with open(metrics_path, "a") as log:
