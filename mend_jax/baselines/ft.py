@@ -1,12 +1,14 @@
 """FT and FT+KL: edit by fine-tuning the editable matrices, inside one jitted while_loop.
 
-FT: optimizer steps on L_e(x_e, y_e) (token-mean NLL over the edit batch, as the official) w.r.t. the editable
-matrices only, until every edit of the batch succeeds (teacher-forced exact match of all its label
-tokens; binary: the sign of the logit) or `max_steps` steps. As the official code (algs/ft.py):
-success is checked before each step, so `n_steps` counts the updates actually applied (0 if the
-model already gives every target); the gradient is clipped to global norm `grad_clip`; the
-optimizer is torch's RMSprop (alpha 0.99, eps 1e-8 outside the square root, no momentum) by
-default. The lr is model-dependent (official: 5e-6 for the paper's large models).
+FT: optimizer steps on L_e(x_e, y_e) (token-mean NLL over the edit batch, as the official)
+w.r.t. the editable matrices only, until every edit of the batch succeeds (teacher-forced exact
+match of all its label tokens; binary: the sign of the logit) or `max_steps` steps. As the
+official code (algs/ft.py): success is checked before each step, so `n_steps` counts the updates
+actually applied (0 if the model already gives every target); the gradient is clipped to global
+norm `grad_clip`; the optimizer is torch's RMSprop (alpha 0.99, eps 1e-8 outside the square root,
+no momentum) by default. Unlike the official loop, the point reached after the last allowed step is
+evaluated too, so info["success"] is exact. The lr is model-dependent (official: 5e-6 for the
+paper's large models). The whole loop is one jax.lax.while_loop: no host round trip per step.
 
 FT+KL: the same loop on c_edit * L_e + L_loc, L_loc = KL(p_start || p_current) on a fresh
 locality mini-batch each step, p_start the model the edit started from (`params` of `edit`).
