@@ -10,9 +10,10 @@ An editor algorithm is an object with a few pure methods over an explicit state 
 Learned algorithms (`alg.learned`) are trained by Adam on `state.params`, with two learning rates
 picked per leaf by `alg.param_labels` ("net" -> lr, "alpha" -> lr_lr):
 
-  loss, (new_aux, metrics) = alg.loss(state.params, state.aux, base_params, batch)
+  loss, (new_aux, metrics) = alg.loss(state.params, state.aux, base_params, batch, Objective())
 
-where batch = {"edit": ..., "equiv": ..., "loc": ...} as in `train.edit_loss`. Every algorithm
+where batch = {"edit": ..., "equiv": ..., "loc": ...} as in `train.edit_loss` and the Objective
+holds the loss weights shared by every learned editor (`TrainConfig.objective`). Every algorithm
 changes exactly the model's editable leaves (`model.layer_paths`); all other leaves of the
 returned tree are the input leaves, bit for bit.
 
@@ -64,6 +65,8 @@ class EditorAlg(Protocol):
     name: registry name ("mend", "ft", "ft_kl", "enn", "ke").
     model: the `EditableModel` whose `layers` the editor edits.
     learned: True if `loss` / `param_labels` exist (ENN, KE, MEND); False for FT and FT+KL.
+    needs_loc_pool (optional, default False): True if the editor samples locality data during an
+      edit (FT+KL); give it with `with_loc_pool(state, pool) -> AlgState`.
 
   Methods (all pure; `edit` and `loss` are jittable):
     init(rng, base_params) -> AlgState.
@@ -74,10 +77,11 @@ class EditorAlg(Protocol):
       `mend_jax.models`). info is a dict of arrays; every algorithm reports at least
       loss_before: [] (the edit loss it differentiates, at `params`) and update_norm: [n_layers] (Frobenius
       norm of each editable matrix's change).
-    loss(train_params, aux, base_params, batch) -> (loss, (new_aux, metrics)): learned only; batch =
-      {"edit", "equiv", "loc"} as in `train.edit_loss`; base_params is the frozen original model
-      (never trained). metrics hold at least loss, loss_edit, loss_loc, edit_success, loc_agree
-      (same meaning as in `train.edit_loss`).
+    loss(train_params, aux, base_params, batch, objective, train=True) -> (loss, (new_aux, metrics)):
+      learned only; batch = {"edit", "equiv", "loc"} as in `train.edit_loss`; base_params is the
+      frozen original model (never trained); objective an `Objective`; train=False (validation)
+      keeps carried statistics frozen. metrics hold at least loss, loss_edit, loss_loc,
+      edit_success, loc_agree (same meaning as in `train.edit_loss`).
     param_labels(train_params) -> pytree of "net" / "alpha" strings, one per leaf of train_params:
       which Adam (lr or lr_lr) trains each leaf (use with optax.multi_transform).
   """
@@ -92,7 +96,8 @@ class EditorAlg(Protocol):
 
   def edit(self, state: AlgState, params, batch: Mapping[str, jax.Array]) -> tuple[Any, dict]: ...
 
-  def loss(self, train_params, aux, base_params, batch: Mapping[str, Mapping[str, jax.Array]]): ...
+  def loss(self, train_params, aux, base_params, batch: Mapping[str, Mapping[str, jax.Array]],
+           objective: Objective, train: bool = True): ...
 
   def param_labels(self, train_params): ...
 

@@ -60,6 +60,7 @@ def test_registry_builds_every_alg_and_rejects_bad_names_and_keys():
     assert isinstance(alg, cls) and alg.name == name and alg.model is model
     assert isinstance(alg, algs.EditorAlg)
     assert alg.learned == (name in ("enn", "ke"))
+    assert getattr(alg, "needs_loc_pool", False) == (name == "ft_kl")
   from mend_jax.mend import MEND
 
   assert isinstance(algs.make_alg("mend", model, {"rank": 4}), MEND)
@@ -287,6 +288,11 @@ def test_ke_edit_is_the_gated_masked_gradient_plus_offset():
       step = step + s[b] * (grads[b][layer.path] * mask + off)
     np.testing.assert_allclose(_flat(new)[layer.path], w - step, rtol=1e-5, atol=1e-7)
   assert info["gate"].shape == (len(model.layers), 2)
+  # Under tracing (a jitted train-state build, eval_shape for parameter counts) flax's own
+  # initialisers run instead: the same tree.
+  traced = jax.eval_shape(alg.init, jax.random.PRNGKey(0), model.params)
+  assert jax.tree_util.tree_structure(traced) == jax.tree_util.tree_structure(state)
+  assert all(a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(traced), jax.tree_util.tree_leaves(state)))
 
 
 # ---------------------------------------------------------------- every editor, three families

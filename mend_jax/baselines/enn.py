@@ -12,6 +12,7 @@ Training loss (second order through the inner step: jax.grad inside jax.grad), o
 {"edit", "equiv", "loc"}:
   L = c_edit * L_e(theta' on "equiv") + c_loc * KL(p_ref(loc) || p_theta'(loc))
       + c_base * KL(p_theta0(loc) || p_theta(loc)),
+(c_edit, c_loc and the KL positions from the `algs.Objective`, c_base from ENNConfig)
 theta0 = base_params, the frozen original model (an argument, never trained). The last term is
 the official `base_loss: distill`, computed on the locality batch (trainer.py, train_base). The
 locality reference p_ref is theta0 by default (loc_ref="original", as this project's design
@@ -40,32 +41,28 @@ LOC_REFS = ("original", "current")
 class ENNConfig:
   """edit_lr: initial inner step size of every editable matrix (official 1e-2). n_edit_steps:
   inner SGD steps (official 1). first_order: stop gradients through the inner gradient (official
-  option, off). c_edit / c_loc / c_base: loss weights (official 0.1 / 1 / 1). loc_ref: the
-  locality KL's reference, "original" (theta0) or "current" (theta, the official trainer).
-  kl_positions: "answer" or "all", as in training."""
+  option, off). c_base: weight of L_base (official 1; c_edit and c_loc come from the training
+  objective). loc_ref: the locality KL's reference, "original" (theta0) or "current" (theta, the
+  official trainer)."""
 
   edit_lr: float = 1e-2
   n_edit_steps: int = 1
   first_order: bool = False
-  c_edit: float = 0.1
-  c_loc: float = 1.0
   c_base: float = 1.0
   loc_ref: str = "original"
-  kl_positions: str = "answer"
 
   def __post_init__(self):
     if self.n_edit_steps < 1:
       raise ValueError(f"ENN n_edit_steps must be >= 1, got {self.n_edit_steps}")
     if self.loc_ref not in LOC_REFS:
       raise ValueError(f"ENN loc_ref must be one of {LOC_REFS}, got {self.loc_ref!r}")
-    algs.check_kl_positions(self.kl_positions)
 
 
 class ENN:
   """Editable training. Usage:
     enn = ENN(model, ENNConfig())
     state = enn.init(rng, base_params)               # params {"theta": copy of base, "lr": [L]}
-    loss, (aux, metrics) = enn.loss(state.params, state.aux, base_params, batch)   # train this
+    loss, (aux, metrics) = enn.loss(state.params, state.aux, base_params, batch, algs.Objective())
     new_params, info = enn.jit_edit(state, enn.pre_edit_params(state, base_params), edit_batch)
   """
 
@@ -122,19 +119,23 @@ class ENN:
     return jax.jit(self.edit)
 
   # ---------------------------------------------------------------- training
-  def loss(self, train_params, aux, base_params, batch):
+  def loss(self, train_params, aux, base_params, batch, objective: algs.Objective = algs.Objective(),
+           train: bool = True):
     """Editability loss (module docstring) for batch {"edit", "equiv", "loc"}. Returns
-    (loss, (aux, metrics)); metrics add loss_base and loss_before to the common set."""
+    (loss, (aux, metrics)); metrics add loss_base and loss_before to the common set. `train` is
+    unused (ENN carries no statistics)."""
+    del train
+    algs.check_kl_positions(objective.kl_positions)
     cfg, model = self.cfg, self.model
     theta = train_params["theta"]
     new, loss0 = self.inner(theta, train_params["lr"], batch["edit"])
-    loc = algs.loc_batch(batch["loc"], cfg.kl_positions)
+    loc = algs.loc_batch(batch["loc"], objective.kl_positions)
     orig_logits = jax.lax.stop_gradient(model.logits(base_params, loc))
     theta_logits = model.logits(theta, loc)
     # The locality reference: theta0 (its logits are L_base's too) or theta before the edit.
     ref_logits = orig_logits if cfg.loc_ref == "original" else theta_logits
-    loss, metrics = algs.post_edit_loss(model, new, None, batch, cfg.c_edit, cfg.c_loc, cfg.kl_positions,
-                                        ref_logits=ref_logits)
+    loss, metrics = algs.post_edit_loss(model, new, None, batch, objective.c_edit, objective.c_loc,
+                                        objective.kl_positions, ref_logits=ref_logits)
     l_base = losses.locality_kl(model.task, orig_logits, theta_logits, loc)
     loss = loss + cfg.c_base * l_base
     metrics = {**metrics, "loss": loss, "loss_base": l_base, "loss_before": loss0}

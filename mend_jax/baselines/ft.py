@@ -113,6 +113,7 @@ class FT:
     self.model = model
     self.cfg = cfg
     self.kl = isinstance(cfg, FTKLConfig)
+    self.needs_loc_pool = self.kl
     self.name = "ft_kl" if self.kl else "ft"
     self.tx = make_optimizer(cfg)
 
@@ -155,7 +156,7 @@ class FT:
   def param_labels(self, train_params):
     return jax.tree_util.tree_map(lambda _: "net", train_params)
 
-  def loss(self, train_params, aux, base_params, batch):
+  def loss(self, train_params, aux, base_params, batch, objective=None, train: bool = True):
     raise TypeError(f"editor {self.name!r} is not learned: it has no training loss")
 
   # ---------------------------------------------------------------- the edit

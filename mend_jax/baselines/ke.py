@@ -54,7 +54,7 @@ class KEConfig:
   """embed_init: "model" (copy the base model's token embeddings, official) or "random".
   embed_dim: embedding width (None: the model's; must be None with embed_init="model").
   lstm_hidden / cond_dim / cond_hidden: official 512 / 768 / 512. max_scale: gate ceiling
-  (official 1). c_edit / c_loc / kl_positions: the training loss, as for MEND."""
+  (official 1). The training loss's weights come from the `algs.Objective`."""
 
   embed_init: str = "model"
   embed_dim: int | None = None
@@ -62,9 +62,6 @@ class KEConfig:
   cond_dim: int = 768
   cond_hidden: int = 512
   max_scale: float = 1.0
-  c_edit: float = 0.1
-  c_loc: float = 1.0
-  kl_positions: str = "answer"
 
   def __post_init__(self):
     if self.embed_init not in ("model", "random"):
@@ -74,7 +71,6 @@ class KEConfig:
     for k in ("lstm_hidden", "cond_dim", "cond_hidden"):
       if getattr(self, k) < 1:
         raise ValueError(f"KE {k} must be >= 1, got {getattr(self, k)}")
-    algs.check_kl_positions(self.kl_positions)
 
 
 def find_embedding(model: EditableModel, params) -> str:
@@ -236,9 +232,13 @@ class KE:
     net = self._net(self._embed_dim)
     ids = jnp.ones((1, 2), jnp.int32)
     label = jnp.zeros((1,), jnp.int32) if self.model.task == "binary" else None
-    shapes = jax.eval_shape(net.init, rng, ids, jnp.zeros_like(ids), jnp.ones((1, 2), bool), label)["params"]
-    seed = np.asarray(jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng)
-    params = init_params(shapes, [int(v) for v in seed.ravel()], self.cfg.lstm_hidden)
+    args = (ids, jnp.zeros_like(ids), jnp.ones((1, 2), bool), label)
+    if isinstance(rng, jax.core.Tracer):  # under jit / eval_shape: flax's own (same) initialisers
+      params = net.init(rng, *args)["params"]
+    else:
+      shapes = jax.eval_shape(net.init, rng, *args)["params"]
+      seed = np.asarray(jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng)
+      params = init_params(shapes, [int(v) for v in seed.ravel()], self.cfg.lstm_hidden)
     if self.cfg.embed_init == "model":
       path = find_embedding(self.model, base_params)
       table = get_leaves(base_params, [path])[path]
@@ -278,11 +278,15 @@ class KE:
   def jit_edit(self):
     return jax.jit(self.edit)
 
-  def loss(self, train_params, aux, base_params, batch):
+  def loss(self, train_params, aux, base_params, batch, objective: algs.Objective = algs.Objective(),
+           train: bool = True):
     """c_edit * L_e(equiv) + c_loc * KL(p_base || p_edited)(loc) of the KE edit of base_params.
-    Returns (loss, (aux, metrics)); metrics add loss_before and update_norm (mean)."""
+    Returns (loss, (aux, metrics)); metrics add loss_before and update_norm (mean). `train` is
+    unused (KE carries no statistics)."""
+    del train
+    algs.check_kl_positions(objective.kl_positions)
     new, info = self.edit(AlgState(train_params, aux), base_params, batch["edit"])
-    loss, metrics = algs.post_edit_loss(self.model, new, base_params, batch, self.cfg.c_edit, self.cfg.c_loc,
-                                        self.cfg.kl_positions)
+    loss, metrics = algs.post_edit_loss(self.model, new, base_params, batch, objective.c_edit, objective.c_loc,
+                                        objective.kl_positions)
     metrics = {**metrics, "loss_before": info["loss_before"], "update_norm": jnp.mean(info["update_norm"])}
     return loss, (aux, metrics)
