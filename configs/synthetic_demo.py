@@ -3,6 +3,7 @@
 Run (from a fresh clone, no network):   make demo
   = python scripts/train.py --workdir runs/demo            (this config is the default)
 Override any field:  --config.train.max_steps=500  --config.editor.rank=64
+A baseline instead of MEND:  --config.alg=enn   (ft, ft_kl, enn, ke; settings in --config.enn.*)
 What it does: generates the world and its edit/paraphrase/locality splits (disjoint subjects),
 pretrains the base model until it knows its facts (cached under cache_dir), trains MEND on the
 train split, keeps the best checkpoint by validation loss, evaluates it on the held-out test edits
@@ -35,4 +36,11 @@ def get_config():
       lr=3e-4, lr_lr=1e-3, c_edit=0.5, max_steps=4000, n_edits=1, n_loc=4, accumulate=5,
       val_every=500, n_val=128, patience=3, log_every=25, ckpt_every=250)))
   c.eval = ml_collections.ConfigDict({"n_test": -1, "k": 1, "show_edit": True})
+  # The editor: "mend" (configured by c.editor) or a baseline, configured by its own section
+  # (scripts/compare.py runs them all on this benchmark with the same data and training budget).
+  c.alg = "mend"
+  c.ft = ml_collections.ConfigDict({"lr": 1e-3})  # baselines.FTConfig (lr for this tiny model)
+  c.ft_kl = ml_collections.ConfigDict({"lr": 1e-3})  # baselines.FTKLConfig
+  c.enn = ml_collections.ConfigDict({})  # baselines.ENNConfig
+  c.ke = ml_collections.ConfigDict({})  # baselines.KEConfig
   return c

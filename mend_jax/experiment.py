@@ -236,6 +236,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
                                       {"config": _plain(config)})
   results = evaluate_workdir(config, workdir, task=task)
   results.update(summary)
+  results["editor_params"] = num_params(editor, task.model.params)
   results["total_time_s"] = time.time() - t0
   write_results(workdir, results)
   try:

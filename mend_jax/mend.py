@@ -209,7 +209,7 @@ class MEND:
     with jax.jit / jax.vmap freely (`jit_edit` is the jitted form).
     """
     cap = self.capture(params, batch)
-    return self.apply_updates(state.params, state.stats, params, cap, diagnostics)
+    return self.apply_updates(state.params, state.aux, params, cap, diagnostics)
 
   @functools.cached_property
   def jit_edit(self):

@@ -1,14 +1,18 @@
-"""Speed and memory of MEND training and editing on the issue's reference workload.
+"""Speed and memory of every editor (MEND, ENN, KE, FT, FT+KL) on the issues' reference workload.
 
-  python scripts/bench.py [--threads 1,2] [--reps 5] [--out docs/bench.md]
+  python scripts/bench.py [--algs mend,enn,ke,ft] [--threads 1,2] [--reps 5] [--out docs/bench.md]
+  python scripts/bench.py --algs mend --layers 12 --width 768 --json out.json     (another size)
 
-Workload (the same one the official PyTorch code was measured on): GPT-2 with 6 layers, width 768,
-vocabulary 50257, random weights; MEND on both MLP matrices of the last 3 blocks, rank 1920;
-10 edit + 10 locality sequences of 32 tokens, the last 10 tokens of each edit labelled.
-Rows: median seconds of a training step, an edit, and the floor (one plain jitted forward +
-backward of the model wrt all its parameters on the edit batch); first-call (compile) times; peak
-resident memory of the process. Each thread count runs in its own process pinned with `taskset`
-to that many cores, with XLA's CPU thread pool sized to match.
+Workload (the one the official PyTorch code was measured on): GPT-2 with 6 layers, width 768,
+vocabulary 50257, random weights; the MLP matrices of the last 3 blocks are edited; 10 edit + 10
+locality sequences of 32 tokens, the last 10 tokens of each edit labelled; the locality KL reads
+every token (as the official code on text). MEND: rank 1920. KE, ENN: their official sizes.
+FT / FT+KL: RMSprop steps until every edit of the batch is right or 100 steps.
+Rows: median seconds of a training step (learned editors) and of an edit, FT's steps per edit,
+the floor (one plain jitted forward + backward of the model wrt all its parameters on the edit
+batch), first-call (compile) times, and the process's peak resident memory. Each (algorithm,
+thread count) runs in its own process pinned with `taskset` to that many cores, with XLA's CPU
+thread pool sized to match.
 """
 
 import argparse
@@ -20,10 +24,17 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OFFICIAL = {"train_step_s": {1: 9.72, 2: 5.58}, "edit_s": {1: 3.64, 2: 2.11}, "peak_gb": 2.9}
+# Official PyTorch figures measured on this machine (issues 3 and 5): median seconds, peak GB.
+OFFICIAL = {
+    "mend": {"train_step_s": {1: 9.72, 2: 5.58}, "edit_s": {1: 3.64, 2: 2.11}, "peak_gb": 2.9},
+    "enn": {"train_step_s": {2: 8.31}, "edit_s": {2: 1.25}},
+    "ke": {"train_step_s": {2: 3.73}, "edit_s": {2: 0.85}},
+    "ft": {"edit_s": {2: 41.6}},
+}
+ALG_CFG = {"mend": {"rank": 1920}, "enn": {}, "ke": {}, "ft": {"lr": 1e-4}, "ft_kl": {"lr": 1e-4}}
 
 
-def child(reps: int) -> dict:
+def child(alg: str, reps: int, n_layer: int, width: int) -> dict:
   import resource
 
   import jax
@@ -31,13 +42,12 @@ def child(reps: int) -> dict:
   import numpy as np
   import transformers as tf
 
-  from mend_jax import data, losses, models, train
-  from mend_jax.editor import EditorConfig
-  from mend_jax.mend import MEND
+  from mend_jax import algs, data, losses, models, train
 
-  cfg = tf.GPT2Config(n_layer=6, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+  cfg = tf.GPT2Config(n_layer=n_layer, n_embd=width, n_head=max(1, width // 64), vocab_size=50257, n_positions=1024)
   model = models.model_from_config(cfg)
-  editor = MEND(model, EditorConfig(rank=1920))
+  params = model.params
+  editor = algs.make_alg(alg, model, ALG_CFG[alg])
   rng = np.random.default_rng(0)
 
   def seqs(n=10, t=32, n_lab=10, read_pos=True):
@@ -48,13 +58,8 @@ def child(reps: int) -> dict:
       b["read_pos"], b["read_mask"] = data.read_positions(labels)
     return {k: jnp.asarray(v) for k, v in b.items()}
 
-  # The locality KL reads every token (kl_positions="all", as the official code on text).
   edit, loc = seqs(), seqs(read_pos=False)
   batch = {"edit": edit, "equiv": edit, "loc": loc}
-  tcfg = train.TrainConfig(n_edits=10, n_loc=10, accumulate=1, kl_positions="all")
-  step = train.make_train_step(editor, tcfg)
-  state = train.init_state(editor, train.make_optimizer(tcfg), 0)
-  params = model.params
 
   def timed(fn, n):
     times = []
@@ -64,21 +69,35 @@ def child(reps: int) -> dict:
       times.append(time.perf_counter() - t0)
     return times
 
-  out = {}
-  holder = {"state": state}
+  out = {"alg": alg, "n_layer": n_layer, "width": width, "model_params": int(sum(x.size for x in jax.tree_util.tree_leaves(params)))}
+  tcfg = train.TrainConfig(n_edits=10, n_loc=10, accumulate=1, kl_positions="all")
+  if editor.learned:
+    step = train.make_train_step(editor, tcfg)
+    holder = {"state": train.init_state(editor, train.make_optimizer(tcfg, editor), 0, params)}
+    out["editor_params"] = int(sum(x.size for x in jax.tree_util.tree_leaves(holder["state"].params)))
 
-  def run_step():
-    holder["state"], m = step(holder["state"], params, batch)
-    return m
+    def run_step():
+      holder["state"], m = step(holder["state"], params, batch)
+      return m
 
-  first = timed(run_step, 1)[0]
-  out["train_step_compile_s"] = first
-  out["train_step_s"] = float(np.median(timed(run_step, reps)))
-
-  ed_state = editor.init(jax.random.PRNGKey(0))
-  run_edit = lambda: editor.jit_edit(ed_state, params, edit)
+    out["train_step_compile_s"] = timed(run_step, 1)[0]
+    out["train_step_s"] = float(np.median(timed(run_step, reps)))
+    ed_state = algs.AlgState(holder["state"].params, holder["state"].aux)
+    del holder
+  else:
+    ed_state = jax.jit(editor.init)(jax.random.PRNGKey(0), params)
+    if getattr(editor, "needs_loc_pool", False):
+      ed_state = editor.with_loc_pool(ed_state, seqs(n=100, read_pos=False))
+    out["editor_params"] = 0
+  start = editor.pre_edit_params(ed_state, params)
+  edit_fn = jax.jit(editor.edit)
+  run_edit = lambda: edit_fn(ed_state, start, edit)
   out["edit_compile_s"] = timed(run_edit, 1)[0]
   out["edit_s"] = float(np.median(timed(run_edit, reps)))
+  info = jax.device_get(run_edit()[1])
+  if "n_steps" in info:
+    out["ft_steps"] = int(info["n_steps"])
+    out["ft_success"] = bool(np.all(info["success"]))
 
   floor = jax.jit(jax.value_and_grad(lambda p, b: losses.nll("causal_lm", model.logits(p, b), b)))
   plain = {k: v for k, v in edit.items() if not k.startswith("read_")}
@@ -86,58 +105,94 @@ def child(reps: int) -> dict:
   out["floor_compile_s"] = timed(run_floor, 1)[0]
   out["floor_s"] = float(np.median(timed(run_floor, reps)))
   out["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-  out["editor_params"] = editor.num_params(ed_state)
   return out
 
 
-def table(results: dict) -> str:
+def run_child(alg: str, threads: int, reps: int, n_layer: int = 6, width: int = 768) -> dict:
+  """One measurement in a fresh process pinned to `threads` cores (so peak memory is its own)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}").strip(),
+         "OMP_NUM_THREADS": str(threads)}
+  cmd = ["taskset", "-c", ",".join(str(i) for i in range(threads)), sys.executable, os.path.abspath(__file__), "--child",
+         "--algs", alg, "--reps", str(reps), "--layers", str(n_layer), "--width", str(width)]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode != 0 or not line:
+    raise RuntimeError(f"benchmark child {alg} ({threads} thread(s), {n_layer}x{width}) failed:\n{proc.stderr[-2000:]}")
+  return json.loads(line[0][len("RESULT "):])
+
+
+def _official(r, key):
+  if (r["n_layer"], r["width"]) != (6, 768):  # the official figures are for the reference model only
+    return ""
+  v = OFFICIAL.get(r["alg"], {}).get(key, {}).get(r["threads"])
+  return f" ({v})" if v is not None else ""
+
+
+def table(results: list) -> str:
   rows = [
-      "| threads | train step s (official) | edit s (official) | floor s | edit / floor | compile s: step, edit, floor | peak GB (official 2.9) |",
-      "|---|---|---|---|---|---|---|",
+      "| editor | threads | train step s (official) | edit s (official) | FT steps | floor s | edit / floor "
+      "| compile s: step, edit | peak GB | editor params |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for n, r in sorted(results.items()):
+  for r in results:
+    n, alg = r["threads"], r["alg"]
+    step = f"{r['train_step_s']:.3f}{_official(r, 'train_step_s')}" if "train_step_s" in r else "-"
+    step_c = f"{r['train_step_compile_s']:.1f}" if "train_step_compile_s" in r else "-"
+    ft = f"{r['ft_steps']}{'' if r['ft_success'] else ' (not all right)'}" if "ft_steps" in r else "-"
     rows.append(
-        f"| {n} | {r['train_step_s']:.3f} ({OFFICIAL['train_step_s'].get(n, float('nan'))}) "
-        f"| {r['edit_s']:.3f} ({OFFICIAL['edit_s'].get(n, float('nan'))}) | {r['floor_s']:.3f} "
-        f"| {r['edit_s'] / r['floor_s']:.2f} | {r['train_step_compile_s']:.1f}, {r['edit_compile_s']:.1f}, "
-        f"{r['floor_compile_s']:.1f} | {r['peak_gb']:.2f} |")
+        f"| {alg} | {n} | {step} | {r['edit_s']:.3f}{_official(r, 'edit_s')} | {ft} | {r['floor_s']:.3f} "
+        f"| {r['edit_s'] / r['floor_s']:.2f} | {step_c}, {r['edit_compile_s']:.1f} | {r['peak_gb']:.2f} "
+        f"| {r['editor_params']:,} |")
   return "\n".join(rows)
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--algs", default="mend", help="comma-separated editors: mend, enn, ke, ft, ft_kl")
   ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
   ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--layers", type=int, default=6, help="GPT-2 blocks (default 6)")
+  ap.add_argument("--width", type=int, default=768, help="GPT-2 width (default 768)")
   ap.add_argument("--out", default=None, help="append the table to this markdown file")
+  ap.add_argument("--json", default=None, help="write the raw results to this JSON file")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.child:
-    print("RESULT " + json.dumps(child(args.reps)))
+    print("RESULT " + json.dumps(child(args.algs, args.reps, args.layers, args.width)))
     return
+  from mend_jax import algs as algs_lib
+
+  alg_list = [a.strip() for a in args.algs.split(",") if a.strip()]
+  bad = [a for a in alg_list if a not in algs_lib.ALGS]
+  if bad or not alg_list:
+    sys.exit(f"error: --algs {args.algs!r}: each must be one of {algs_lib.ALGS}")
   try:
     threads = [int(t) for t in args.threads.split(",")]
   except ValueError:
     sys.exit(f"error: --threads must be comma-separated integers, got {args.threads!r}")
   if any(t < 1 or t > os.cpu_count() for t in threads):
     sys.exit(f"error: --threads {threads}: each must be between 1 and this machine's {os.cpu_count()} cores")
-  results = {}
-  for n in threads:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}").strip(),
-           "OMP_NUM_THREADS": str(n)}
-    cmd = ["taskset", "-c", ",".join(str(i) for i in range(n)), sys.executable, __file__, "--child", "--reps", str(args.reps)]
-    print(f"[{n} thread(s)] {' '.join(cmd[:4])} ...", flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not line:
-      sys.exit(f"error: benchmark child for {n} thread(s) failed:\n{proc.stderr[-2000:]}")
-    results[n] = json.loads(line[0][len("RESULT "):])
+  if args.reps < 1 or args.layers < 1 or args.width < 64 or args.width % 64:
+    sys.exit("error: --reps and --layers must be >= 1, --width a multiple of 64")
+  results = []
+  for alg in alg_list:
+    for n in threads:
+      print(f"[{alg}, {n} thread(s), GPT-2 {args.layers}x{args.width}] ...", flush=True)
+      try:
+        results.append({**run_child(alg, n, args.reps, args.layers, args.width), "threads": n})
+      except RuntimeError as e:
+        sys.exit(f"error: {e}")
   text = table(results)
   print(text)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
   if args.out:
     with open(args.out, "a") as f:
-      f.write(f"\n`python scripts/bench.py --threads {args.threads} --reps {args.reps}` on {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; editor parameters {results[threads[0]]['editor_params']:,}.\n\n{text}\n")
+      f.write(f"\n`python scripts/bench.py --algs {args.algs} --threads {args.threads} --reps {args.reps}"
+              f"{'' if (args.layers, args.width) == (6, 768) else f' --layers {args.layers} --width {args.width}'}` "
+              f"on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.\n\n{text}\n")
 
 
 if __name__ == "__main__":

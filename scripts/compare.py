@@ -1,0 +1,168 @@
+"""MEND against its baselines (FT, FT+KL, ENN, KE) on the same benchmark, and their cost against
+model size.
+
+  python scripts/compare.py [--algs mend,ke,enn,ft,ft_kl] [--workdir runs/compare] [--out docs/compare.md]
+                            [--sizes 4x512,6x768,12x768] [--no-train] [--no-sizes] [-- --config.train.max_steps=2000 ...]
+
+1. Quality: for each algorithm, `scripts/train.py --config.alg=ALG` on the offline synthetic
+   benchmark (configs/synthetic_demo.py; the same data, base model, editable layers, training
+   budget and objective; per-algorithm settings from the config's `ALG` section and `ALG_TRAIN`
+   below), each in its own process, then one table: edit success, locality drawdown, time per
+   edit, peak memory of the process (training + evaluation), trained parameters.
+2. Cost against size: `scripts/bench.py` children on random GPT-2s of the given sizes (blocks x
+   width; the workload of the benchmark), 2 threads: peak memory and time of a training step
+   (learned editors) and of an edit, plotted against the number of model parameters
+   (compare_sizes.png beside --out), like the paper's Figures 3 and 4.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from scripts import bench  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Training overrides per algorithm on the synthetic benchmark. ENN trains the base model itself,
+# so its step size is that of fine-tuning a model rather than of a fresh editor network.
+ALG_TRAIN = {"enn": ["--config.train.lr=1e-5", "--config.train.lr_lr=1e-3"]}
+
+
+def quality(algs, workdir, extra) -> list:
+  rows = []
+  for alg in algs:
+    wd = os.path.join(workdir, alg)
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--workdir", wd, f"--config.alg={alg}",
+           "--config.eval.show_edit=False", *ALG_TRAIN.get(alg, []), *extra]
+    print(f"[{alg}] {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    with open(os.path.join(workdir, f"{alg}.log"), "w") as log:
+      proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+      sys.exit(f"error: training {alg} failed (exit {proc.returncode}); see {log.name}")
+    with open(os.path.join(wd, "results.json")) as f:
+      res = json.load(f)
+    res["wall_s"] = time.time() - t0
+    rows.append({"alg": alg, **res})
+  return rows
+
+
+def quality_table(rows) -> str:
+  out = ["| editor | edit success | reliability | locality drawdown | time per edit ms | peak memory GB "
+         "| trained parameters | training steps | wall s |",
+         "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    out.append(f"| {r['alg']} | {r['edit_success']:.3f} | {r['reliability']:.3f} | {r['locality_drawdown']:.3f} "
+               f"| {1000 * r['time_per_edit_s']:.1f} | {r['peak_rss_gb']:.2f} | {r.get('editor_params', 0):,} "
+               f"| {r.get('steps', 0)} | {r['wall_s']:.0f} |")
+  return "\n".join(out)
+
+
+def sizes(algs, size_list, reps) -> list:
+  rows = []
+  for n_layer, width in size_list:
+    for alg in algs:
+      print(f"[{alg}, GPT-2 {n_layer}x{width}] ...", flush=True)
+      try:
+        rows.append({**bench.run_child(alg, 2, reps, n_layer, width), "threads": 2})
+      except RuntimeError as e:
+        print(f"  failed: {str(e)[-300:]}")
+        rows.append({"alg": alg, "n_layer": n_layer, "width": width, "failed": True})
+  return rows
+
+
+def sizes_table(rows) -> str:
+  out = ["| editor | model | model params | train step s | edit s | peak GB |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    if r.get("failed"):
+      out.append(f"| {r['alg']} | {r['n_layer']}x{r['width']} | - | failed | failed | - |")
+      continue
+    step = f"{r['train_step_s']:.3f}" if "train_step_s" in r else "-"
+    out.append(f"| {r['alg']} | {r['n_layer']}x{r['width']} | {r['model_params'] / 1e6:.0f}M | {step} "
+               f"| {r['edit_s']:.3f} | {r['peak_gb']:.2f} |")
+  return "\n".join(out)
+
+
+def plot_sizes(rows, path) -> str:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for alg in dict.fromkeys(r["alg"] for r in rows):
+    rs = sorted((r for r in rows if r["alg"] == alg and not r.get("failed")), key=lambda r: r["model_params"])
+    if not rs:
+      continue
+    x = [r["model_params"] / 1e6 for r in rs]
+    axes[0].plot(x, [r["peak_gb"] for r in rs], "o-", label=alg)
+    if "train_step_s" in rs[0]:
+      axes[1].plot(x, [r["train_step_s"] for r in rs], "o-", label=f"{alg} train step")
+    axes[1].plot(x, [r["edit_s"] for r in rs], "s--", label=f"{alg} edit")
+  axes[0].set_title("peak memory (GB), training + edit")
+  axes[1].set_title("seconds (2 threads)")
+  axes[1].set_yscale("log")
+  for ax in axes:
+    ax.set_xlabel("GPT-2 parameters (M)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--algs", default="mend,ke,enn,ft,ft_kl")
+  ap.add_argument("--workdir", default="runs/compare")
+  ap.add_argument("--out", default=None, help="append the tables to this markdown file (figure beside it)")
+  ap.add_argument("--sizes", default="4x512,6x768,12x768", help="GPT-2 blocks x width, comma-separated")
+  ap.add_argument("--reps", type=int, default=2)
+  ap.add_argument("--no-train", action="store_true", help="skip the quality comparison")
+  ap.add_argument("--no-sizes", action="store_true", help="skip the cost-against-size measurements")
+  args, extra = ap.parse_known_args()
+  from mend_jax import algs as algs_lib
+
+  alg_list = [a.strip() for a in args.algs.split(",") if a.strip()]
+  if not alg_list or any(a not in algs_lib.ALGS for a in alg_list):
+    sys.exit(f"error: --algs {args.algs!r}: each must be one of {algs_lib.ALGS}")
+  bad_extra = [e for e in extra if not e.startswith("--config.")]
+  if bad_extra:
+    sys.exit(f"error: unknown arguments {bad_extra} (only --config.* overrides are passed to scripts/train.py)")
+  try:
+    size_list = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",") if s]
+    assert all(len(s) == 2 for s in size_list)
+  except (ValueError, AssertionError):
+    sys.exit(f"error: --sizes {args.sizes!r} must look like 4x512,6x768")
+  os.makedirs(args.workdir, exist_ok=True)
+  parts = []
+  if not args.no_train:
+    rows = quality(alg_list, args.workdir, extra)
+    text = quality_table(rows)
+    print(text)
+    parts.append(f"`python scripts/compare.py --algs {args.algs} --no-sizes {' '.join(extra)}`".replace(" `", "`") + "\n\n" + text)
+    with open(os.path.join(args.workdir, "quality.json"), "w") as f:
+      json.dump(rows, f, indent=2)
+  if not args.no_sizes:
+    rows = sizes(alg_list, size_list, args.reps)
+    text = sizes_table(rows)
+    print(text)
+    with open(os.path.join(args.workdir, "sizes.json"), "w") as f:
+      json.dump(rows, f, indent=2)
+    fig_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else args.workdir
+    fig = plot_sizes(rows, os.path.join(fig_dir, "compare_sizes.png"))
+    print("figure:", fig)
+    parts.append(f"`python scripts/compare.py --algs {args.algs} --no-train --sizes {args.sizes}` "
+                 f"(2 threads)\n\n{text}\n\n![memory and time against model size]({os.path.basename(fig)})")
+  if args.out and parts:
+    with open(args.out, "a") as f:
+      f.write(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores:\n\n" + "\n\n".join(parts) + "\n")
+
+
+if __name__ == "__main__":
+  main()
