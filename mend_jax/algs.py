@@ -104,7 +104,8 @@ class EditorAlg(Protocol):
 
 # ------------------------------------------------------------------ shared pieces
 def build_config(cls, cfg: Mapping | None, alg_name: str):
-  """cls(**cfg) for a config dataclass, with a clear error naming unknown keys."""
+  """cls(**cfg) for a config dataclass, with a clear error naming unknown keys as alg_name.key
+  (alg_name: the config section, e.g. "enn" or "train")."""
   if cfg is None:
     cfg = {}
   if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
@@ -116,8 +117,8 @@ def build_config(cls, cfg: Mapping | None, alg_name: str):
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(cfg) - fields)
   if unknown:
-    raise ValueError(f"unknown config key(s) {unknown} for editor {alg_name!r}; "
-                     f"{cls.__name__} accepts {sorted(fields)}")
+    raise ValueError(f"unknown config key(s) {[f'{alg_name}.{k}' for k in unknown]}; "
+                     f"{alg_name} ({cls.__name__}) accepts {sorted(fields)}")
   return cls(**dict(cfg))
 
 

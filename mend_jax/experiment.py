@@ -38,13 +38,8 @@ class Task:
 
 
 def build_dataclass(cls, overrides: Mapping, name: str):
-  """cls(**overrides) with a clear error naming unknown keys."""
-  fields = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(overrides) - fields)
-  if unknown:
-    raise ValueError(f"unknown config key(s) {[f'{name}.{k}' for k in unknown]}; "
-                     f"{name} accepts {sorted(fields)}")
-  return cls(**dict(overrides))
+  """cls(**overrides) with a clear error naming unknown keys (as name.key)."""
+  return algs_lib.build_config(cls, dict(overrides), name)
 
 
 def _plain(cfg) -> dict:

@@ -48,12 +48,13 @@ def test_losses_at_read_positions_equal_full(name):
   kl[:, 1:4] = 1  # KL positions that are not all label positions
   full_b, read_b = _with_read(model, batch, kl)
   other = jax.tree_util.tree_map(lambda x: x * 1.1, model.params)  # a second model for the KL
-  fn = jax.jit(lambda p, q, b: {
-      "nll": losses.nll(model.task, model.logits(p, b), b),
-      "per_edit": losses.nll_per_edit_sum(model.task, model.logits(p, b), b),
-      "em": losses.exact_match(model.task, model.logits(p, b), b),
-      "kl": losses.locality_kl(model.task, model.logits(p, b), model.logits(q, b), b),
-      "shape": jnp.zeros(model.logits(p, b).shape[:2])})
+  def metrics(p, q, b):
+    lp, lq = model.logits(p, b), model.logits(q, b)
+    return {"nll": losses.nll(model.task, lp, b), "per_edit": losses.nll_per_edit_sum(model.task, lp, b),
+            "em": losses.exact_match(model.task, lp, b), "kl": losses.locality_kl(model.task, lp, lq, b),
+            "shape": jnp.zeros(lp.shape[:2])}
+
+  fn = jax.jit(metrics)
   a, r = fn(model.params, other, full_b), fn(model.params, other, read_b)
   assert r["shape"].shape[1] < a["shape"].shape[1]  # fewer positions were projected
   assert float(a["kl"]) > 0
