@@ -15,7 +15,7 @@ from mend_jax import experiment
 TCFG = train.TrainConfig(lr=1e-3, lr_lr=1e-3, max_steps=2, accumulate=1, n_edits=1, n_loc=2, val_every=2,
                          n_val=2, log_every=1, ckpt_every=2, patience=100)
 CFGS = {"enn": {}, "ke": {"lstm_hidden": 8, "cond_dim": 8, "cond_hidden": 8},
-        "ft": {"lr": 1e-2, "max_steps": 3}, "ft_kl": {"lr": 1e-2, "max_steps": 3, "loc_batch_size": 2}}
+        "ft_kl": {"lr": 1e-2, "max_steps": 3, "loc_batch_size": 2}}
 
 
 def _leaves(tree):
