@@ -8,9 +8,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests build new editor objects whose programs are identical to earlier ones: a persistent
 # compilation cache for this session (a fresh directory) serves those instead of recompiling.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
   import tempfile
 
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mend_jax_test_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
