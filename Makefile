@@ -19,10 +19,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/train.py --workdir runs/demo
 
-# Two workers (pytest-xdist), one test file per worker at a time: the suite is CPU-bound
+# Two workers (pytest-xdist) sharing one compilation cache (tests/conftest.py): the suite is CPU-bound
 # tracing and compiling, so this halves its wall time on a 2-core machine.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 tests
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py

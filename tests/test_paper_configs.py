@@ -6,7 +6,6 @@ import json
 import math
 import os
 
-import jax
 import pytest
 
 import paper_samples as S
@@ -14,7 +13,7 @@ from mend_jax import experiment, models, paper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Same-family configs next to each other: their tiny models compile to the same programs, which the
-# persistent compilation cache below then serves.
+# test session's persistent compilation cache (tests/conftest.py) then serves.
 CONFIGS = ["wikitext_distilgpt2", "wikitext_gpt2", "wikitext_gpt2_medium", "wikitext_gpt2_large",
            "wikitext_gpt2_xl", "wikitext_gpt_neo_2_7b", "wikitext_gpt_j_6b", "zsre_t5_small", "zsre_t5_xl",
            "zsre_t5_xxl", "zsre_t5_large", "zsre_bart_base", "fever_bert_base"]
@@ -39,23 +38,6 @@ def load_config(name):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   return S.write_all(tmp_path_factory.mktemp("paper_data"))
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module only (restored afterwards)."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in keys}
-  for k, v in zip(keys, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)):
-    jax.config.update(k, v)
-  cc.reset_cache()
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
 
 
 def tiny(name, files, cache_dir):
@@ -101,7 +83,7 @@ def test_tiny_models_are_of_the_paper_family(files):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_paper_config_trains_one_step_and_evaluates(name, files, compile_cache, tmp_path_factory):
+def test_paper_config_trains_one_step_and_evaluates(name, files, tmp_path_factory):
   c = tiny(name, files, tmp_path_factory.mktemp("cache"))
   workdir = str(tmp_path_factory.mktemp(name))
   experiment.train_and_evaluate(c, workdir, progress=False)
