@@ -96,6 +96,16 @@ def _check_utf8(path: str, raw: bytes) -> None:
     raise ValueError(f"{path}: line {line}: bytes that are not UTF-8 ({e.reason} at byte {col} of the line)") from None
 
 
+def _read_checked(path: str) -> bytes:
+  """The bytes of a data file that exists and is valid UTF-8 (clear errors otherwise)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"data file {path!r} does not exist")
+  with open(path, "rb") as f:
+    raw = f.read()
+  _check_utf8(path, raw)
+  return raw
+
+
 def _load(builder: str, path: str, cache_dir: str | None):
   import datasets
 
@@ -111,11 +121,7 @@ def read_json_rows(path: str, cache_dir: str | None = None) -> list[tuple[int, d
   object): the `datasets` loader's own errors do not say where. Rows whose fields Arrow cannot
   unify (a list on one line, a string on another) are read line by line instead, so the loaders'
   field checks report the line."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"data file {path!r} does not exist")
-  with open(path, "rb") as f:
-    raw = f.read()
-  _check_utf8(path, raw)
+  raw = _read_checked(path)
   lines = [i for i, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
   try:
     rows = _load("json", path, cache_dir).to_list()
@@ -135,10 +141,7 @@ def read_json_object(path: str, cache_dir: str | None = None) -> dict:
   """A file holding one JSON object of columns (NQ, Wikitext self-samples), read with `datasets`
   (it yields the object as a single row). ValueError naming the file and line if malformed."""
   where = None
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"data file {path!r} does not exist")
-  with open(path, "rb") as f:
-    _check_utf8(path, f.read())
+  _read_checked(path)
   try:
     ds = _load("json", path, cache_dir)
   except Exception as e:
@@ -303,10 +306,7 @@ def load_texts(path: str, min_words: int = 50, cache_dir: str | None = None) -> 
   if path.endswith((".json", ".jsonl")):
     rows = [(line, r.get("text")) for line, r in read_json_rows(path, cache_dir)]
   else:
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"data file {path!r} does not exist")
-    with open(path, "rb") as f:
-      _check_utf8(path, f.read())
+    _read_checked(path)
     try:
       ds = _load("text", path, cache_dir)
     except Exception as e:
