@@ -32,6 +32,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALG_TRAIN = {"enn": ["--config.train.lr=1e-5", "--config.train.lr_lr=1e-3"]}
 
 
+def _write_json(path: str, obj) -> None:
+  """Atomic: a temporary file renamed into place, so an interrupted run leaves no half file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
 def quality(algs, workdir, extra) -> list:
   rows = []
   for alg in algs:
@@ -146,14 +154,12 @@ def main():
     text = quality_table(rows)
     print(text)
     parts.append(f"`python scripts/compare.py --algs {args.algs} --no-sizes {' '.join(extra)}`".replace(" `", "`") + "\n\n" + text)
-    with open(os.path.join(args.workdir, "quality.json"), "w") as f:
-      json.dump(rows, f, indent=2)
+    _write_json(os.path.join(args.workdir, "quality.json"), rows)
   if not args.no_sizes:
     rows = sizes(alg_list, size_list, args.reps)
     text = sizes_table(rows)
     print(text)
-    with open(os.path.join(args.workdir, "sizes.json"), "w") as f:
-      json.dump(rows, f, indent=2)
+    _write_json(os.path.join(args.workdir, "sizes.json"), rows)
     fig_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else args.workdir
     fig = plot_sizes(rows, os.path.join(fig_dir, "compare_sizes.png"))
     print("figure:", fig)
