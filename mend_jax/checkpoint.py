@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
+from mend_jax import algs
 from mend_jax.mend import check_batch
 from mend_jax.models import EditableModel
 
@@ -145,18 +146,14 @@ class LoadedEditor:
 
 @functools.lru_cache(maxsize=32)
 def _jitted_edit(alg, kwargs):
-  def edit(state, params, batch):
-    return alg.edit(state, alg.pre_edit_params(state, params), batch, **dict(kwargs))
-
-  return jax.jit(edit)
+  jitted = algs.jit_edit(alg, from_base=True, static_argnames=tuple(k for k, _ in kwargs))
+  return lambda state, params, batch: jitted(state, params, batch, **dict(kwargs))
 
 
 def load_editor(path: str, model: EditableModel) -> LoadedEditor:
   """Restores the editor saved under `path` (a work directory: its best checkpoint, else its
   latest; or a checkpoint directory) for `model`. Raises CheckpointMismatch if the checkpoint was
   made for another model family or other editable layers."""
-  from mend_jax import algs
-
   ckpt_dir = _resolve(path)
   mngr = _manager(ckpt_dir, False)
   step = mngr.latest_step()

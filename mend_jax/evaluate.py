@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mend_jax import losses
+from mend_jax import algs, losses
 from mend_jax.data import EditData
 
 
@@ -83,7 +83,7 @@ def make_eval_fn(editor):
 
 @functools.lru_cache(maxsize=16)
 def _jit_edit(editor):
-  return jax.jit(lambda state, base_params, b: editor.edit(state, start_params(editor, state, base_params), b))
+  return algs.jit_edit(editor, from_base=True)
 
 
 def _finish(out: dict, times: list, k: int, n: int) -> dict:

@@ -213,7 +213,9 @@ class MEND:
 
   @functools.cached_property
   def jit_edit(self):
-    return jax.jit(self.edit, static_argnames=("diagnostics",))
+    from mend_jax import algs  # algs builds on this module
+
+    return algs.jit_edit(self, static_argnames=("diagnostics",))
 
   def edit_for_training(self, editor_params: dict, stats: dict, params, batch):
     """The training-time edit: statistics first absorb this edit batch (as in the official code),

@@ -90,7 +90,7 @@ def child(alg: str, reps: int, n_layer: int, width: int) -> dict:
       ed_state = editor.with_loc_pool(ed_state, seqs(n=100, read_pos=False))
     out["editor_params"] = 0
   start = editor.pre_edit_params(ed_state, params)
-  edit_fn = jax.jit(editor.edit)
+  edit_fn = algs.jit_edit(editor)  # returns only the edited leaves from the program (no model copy)
   run_edit = lambda: edit_fn(ed_state, start, edit)
   out["edit_compile_s"] = timed(run_edit, 1)[0]
   out["edit_s"] = float(np.median(timed(run_edit, reps)))
@@ -105,7 +105,22 @@ def child(alg: str, reps: int, n_layer: int, width: int) -> dict:
   out["floor_compile_s"] = timed(run_floor, 1)[0]
   out["floor_s"] = float(np.median(timed(run_floor, reps)))
   out["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+  # Arithmetic (after the peak is read: these compile again): XLA's FLOP count of each program,
+  # and the rate of one large matrix product on these threads, the best rate XLA reaches here.
+  out["edit_gflop"] = _gflop(jax.jit(editor.edit), ed_state, start, edit)
+  if editor.learned:
+    state = train.init_state(editor, train.make_optimizer(tcfg, editor), 0, params)
+    out["train_step_gflop"] = _gflop(step, state, params, batch)
+  a, b = jnp.ones((1024, 4096)), jnp.ones((4096, 4096))
+  mm = jax.jit(jnp.matmul)
+  out["matmul_gflops"] = 2 * 1024 * 4096 * 4096 / 1e9 / min(timed(lambda: mm(a, b), reps + 1)[1:])
   return out
+
+
+def _gflop(jitted, *args) -> float:
+  cost = jitted.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) / 1e9
 
 
 def run_child(alg: str, threads: int, reps: int, n_layer: int = 6, width: int = 768) -> dict:
@@ -147,6 +162,26 @@ def table(results: list) -> str:
   return "\n".join(rows)
 
 
+def bound_table(results: list) -> str:
+  """Each program's arithmetic against the time it took: XLA's FLOP count, and the time it would
+  take if every FLOP ran at the rate of one large matrix product on the same threads (a lower bound
+  for this program on this machine), next to the measured time and the 3x target (official / 3)."""
+  rows = ["| editor | threads | program | GFLOP | large-matmul GFLOP/s | bound s | measured s | 3x target s |",
+          "|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    for prog, key in (("train step", "train_step"), ("edit", "edit")):
+      if f"{key}_gflop" not in r:
+        continue
+      gf, rate = r[f"{key}_gflop"], r["matmul_gflops"]
+      off = OFFICIAL.get(r["alg"], {}).get(f"{key}_s", {}).get(r["threads"])
+      target = (f"{off / 3:.2f}" if off is not None and (r["n_layer"], r["width"]) == (6, 768)
+                and not r["alg"].startswith("ft") else "-")  # FT: the official total is 49 passes
+      note = " (one loop pass)" if "ft_steps" in r else ""
+      rows.append(f"| {r['alg']} | {r['threads']} | {prog}{note} | {gf:.1f} | {rate:.0f} | {gf / rate:.2f} "
+                  f"| {r[f'{key}_s']:.3f} | {target} |")
+  return "\n".join(rows)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--algs", default="mend", help="comma-separated editors: mend, enn, ke, ft, ft_kl")
@@ -183,7 +218,7 @@ def main():
         results.append({**run_child(alg, n, args.reps, args.layers, args.width), "threads": n})
       except RuntimeError as e:
         sys.exit(f"error: {e}")
-  text = table(results)
+  text = table(results) + "\n\n" + bound_table(results)
   print(text)
   if args.json:
     with open(args.json, "w") as f:

@@ -324,3 +324,29 @@ def test_every_editor_changes_exactly_the_editable_layers(family):
     assert info["update_norm"].shape == (len(model.layers),), name
     after = _flat(new)
     assert all(after[p].dtype == before[p].dtype for p in before), name
+
+
+def test_jit_edit_equals_jitting_edit_and_shares_the_unedited_arrays():
+  """algs.jit_edit returns only the edited leaves from the program: its result must equal
+  jax.jit(alg.edit) bit for bit, its other leaves must be the start model's own arrays, and with
+  from_base it must start from pre_edit_params (ENN: a theta made to differ from the base)."""
+  model = tiny_model("gpt2")
+  batch = _edit_batch(model, seed=5)
+  mend = algs.make_alg("mend", model, {"rank": 4})
+  enn, enn_state = _alg("enn", "gpt2")
+  theta = jax.tree_util.tree_map(lambda x: x * 1.01, enn_state.params["theta"])
+  cases = [(mend, mend.init(jax.random.PRNGKey(0))), (enn, AlgState({**enn_state.params, "theta": theta}, {})),
+           _alg("ke", "gpt2")]
+  for alg, state in cases:
+    start = alg.pre_edit_params(state, model.params)
+    ref, ref_info = jax.jit(alg.edit)(state, start, batch)
+    for new, info, origin in ((*algs.jit_edit(alg)(state, start, batch), start),
+                              (*algs.jit_edit(alg, from_base=True)(state, model.params, batch), start)):
+      got, want, orig = _flat(new), _flat(ref), _flat(origin)
+      assert set(got) == set(want), alg.name
+      for path in want:
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=f"{alg.name} {path}")
+        if path not in model.layer_paths:
+          assert got[path] is orig[path], (alg.name, path)
+      for key in ref_info:
+        np.testing.assert_array_equal(np.asarray(info[key]), np.asarray(ref_info[key]), err_msg=f"{alg.name} {key}")

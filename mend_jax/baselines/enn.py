@@ -116,7 +116,7 @@ class ENN:
 
   @functools.cached_property
   def jit_edit(self):
-    return jax.jit(self.edit)
+    return algs.jit_edit(self)
 
   # ---------------------------------------------------------------- training
   def loss(self, train_params, aux, base_params, batch, objective: algs.Objective = algs.Objective(),

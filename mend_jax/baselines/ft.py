@@ -221,4 +221,4 @@ class FT:
 
   @functools.cached_property
   def jit_edit(self):
-    return jax.jit(self.edit)
+    return algs.jit_edit(self)

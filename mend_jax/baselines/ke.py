@@ -276,7 +276,7 @@ class KE:
 
   @functools.cached_property
   def jit_edit(self):
-    return jax.jit(self.edit)
+    return algs.jit_edit(self)
 
   def loss(self, train_params, aux, base_params, batch, objective: algs.Objective = algs.Objective(),
            train: bool = True):
