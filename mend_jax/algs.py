@@ -112,8 +112,8 @@ def jit_edit(alg, from_base: bool = False, static_argnames: tuple[str, ...] = ()
   The compiled program returns only the edited leaves (`model.layer_paths`); they are put into the
   caller's tree on the host, whose other leaves are the caller's own (immutable) arrays. A jitted
   function copies every leaf it returns unchanged (JAX 0.10 does not forward inputs to outputs):
-  for a GPT-2 with 82M parameters that copy alone took 155 ms per edit on 2 CPU threads, a fifth of
-  an edit (docs/bench.md).
+  0.1-0.15 s for a GPT-2 with 82M parameters on 2 CPU threads, partly hidden behind the edit's
+  own work (docs/bench.md).
 
   from_base: `params` is the base model and the edit starts from alg.pre_edit_params(state, params)
   (ENN: its trained copy), as evaluation and loaded checkpoints use it; otherwise from `params`.
