@@ -46,7 +46,8 @@ def test_identity_editor_is_one_sgd_step(name):
     if path in model.layer_paths:
       ref = w - grads[path]
       assert float(jnp.abs(grads[path]).max()) > 0
-      np.testing.assert_allclose(after[path], ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(grads[path]).max()))
+      # float32: two ways of computing the gradient differ by rounding, ~1e-6 of its largest entry.
+      np.testing.assert_allclose(after[path], ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(grads[path]).max()))
     else:
       np.testing.assert_array_equal(np.asarray(after[path]), np.asarray(w), err_msg=path)
   np.testing.assert_allclose(info["loss_before"], loss(model.params, batch), rtol=1e-6)
