@@ -23,6 +23,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import functools
+import importlib.util
 
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +61,15 @@ FAMILY_NAMES = tuple(TINY_CONFIGS)
 
 
 @functools.lru_cache(maxsize=None)
+def load_config(name: str):
+  """configs/NAME.py's get_config() (the configs directory is not a package)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(root, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
 def tiny_model(name: str, seed: int = 0) -> models.EditableModel:
   return models.model_from_config(TINY_CONFIGS[name](), seed=seed)
 

@@ -1,7 +1,6 @@
 """Every paper config (configs/{wikitext,zsre,fever}_*.py), with the tiny override and small sample
 files in the official formats, trains for one step and evaluates through the real entry point."""
 
-import importlib.util
 import json
 import math
 import os
@@ -9,9 +8,9 @@ import os
 import pytest
 
 import paper_samples as S
+from conftest import load_config
 from mend_jax import experiment, models, paper
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Same-family configs next to each other: their tiny models compile to the same programs, which the
 # test session's persistent compilation cache (tests/conftest.py) then serves.
 CONFIGS = ["wikitext_distilgpt2", "wikitext_gpt2", "wikitext_gpt2_medium", "wikitext_gpt2_large",
@@ -26,13 +25,6 @@ OFFICIAL_NAMES = {
     "zsre_t5_xl": "google/t5-xl-ssm-nq", "zsre_t5_xxl": "google/t5-xxl-ssm-nq",
     "zsre_bart_base": "facebook/bart-base", "fever_bert_base": "bert-base-uncased",
 }
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
 
 
 @pytest.fixture(scope="module")
