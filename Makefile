@@ -6,18 +6,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
-	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip install -q -e .   # the package and its console scripts; its dependencies are the pinned set
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 # Offline demo: synthetic world -> pretrain a tiny GPT-2 -> train MEND -> evaluate -> checkpoint -> one edit.
 demo: $(STAMP)
-	$(BIN)/python scripts/train.py --workdir runs/demo
+	$(BIN)/mend-train --workdir runs/demo
 
 # Two workers (pytest-xdist) sharing one compilation cache (tests/conftest.py): the suite is CPU-bound
 # tracing and compiling, so this halves its wall time on a 2-core machine.
@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench.py
+	$(BIN)/mend-bench
 
 clean:
 	rm -rf $(VENV) runs cache

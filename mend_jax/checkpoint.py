@@ -1,32 +1,51 @@
-"""Orbax checkpoints of trained editors, automatic resume, and `load_editor` for research code.
+"""Orbax checkpoints of editors: one CheckpointManager per work directory, automatic resume, and
+`load_editor` for research code.
 
-A work directory holds two CheckpointManagers: workdir/checkpoints (the latest training state, for
-resume) and workdir/best (the best state by validation loss). Each checkpoint has three items:
-  state:  the full TrainState (editor params, its aux state such as MEND's normalisation
-          statistics with their counts, optimizer state, step, rng, skipped-step count);
-  editor: just {"params", "aux"} (what `load_editor` restores);
-  meta:   JSON: the experiment config, the algorithm's name and config, the model family and its
-          editable layers with their shapes (checked on restore), plus loop bookkeeping.
-Orbax writes each step to a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous checkpoint intact.
+workdir/checkpoints holds the latest checkpoint (for resume) and the best one by validation loss
+(for use), under one manager whose preservation policy keeps exactly those two (one when they
+coincide). Every checkpoint has three items:
+  editor: the EditorState (trained params and carried aux, e.g. MEND's normalisation statistics
+          with their counts): what `load_editor` restores;
+  train:  the rest of the TrainState (step, optimizer state, skipped-step count);
+  meta:   JSON: the experiment config, the editor's name and config, the model family and its
+          editable layers with their shapes (checked on restore), and loop bookkeeping.
+A checkpoint is saved once per step, with its validation loss when it has one. Orbax writes each
+step to a temporary directory and renames it when complete, so a run killed mid-save leaves the
+previous checkpoints intact.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import logging
 import os
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_managers
 
-from mend_jax import algs
-from mend_jax.mend import check_batch
+from mend_jax import editors, models
+from mend_jax.editors.base import Editor, EditorState
 from mend_jax.models import EditableModel
 
+FINGERPRINT_KEYS = ("alg", "family", "layers", "editor_config")
 
-def model_fingerprint(editor) -> dict:
+
+class _QuietUntracked(logging.Filter):
+  """Orbax warns on every save without a metric when it tracks the best checkpoint; here that is
+  by design (only validation steps carry a loss), so that one message is dropped."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietUntracked())
+
+
+def fingerprint(editor: Editor) -> dict:
+  """What a checkpoint must agree on with the run or model that uses it: the editor's name and
+  config, the model family, and the editable layers with their shapes."""
   m = editor.model
   return {
       "alg": editor.name,
@@ -37,11 +56,12 @@ def model_fingerprint(editor) -> dict:
 
 
 class CheckpointMismatch(ValueError):
-  """A checkpoint made for another model or other editable layers."""
+  """A checkpoint made for another editor, model or set of editable layers."""
 
 
-def check_fingerprint(meta: Mapping, editor, where: str) -> None:
-  want = model_fingerprint(editor)
+def check_fingerprint(meta: Mapping, editor: Editor, where: str) -> None:
+  """Raises CheckpointMismatch when the checkpoint's model family or layers differ from editor's."""
+  want = fingerprint(editor)
   if meta.get("family") != want["family"]:
     raise CheckpointMismatch(
         f"checkpoint {where} was made for a {meta.get('family')!r} model, not {want['family']!r}")
@@ -52,129 +72,134 @@ def check_fingerprint(meta: Mapping, editor, where: str) -> None:
         f"editable layers are {[tuple(x) for x in want['layers']]}")
 
 
-def _manager(path: str, create: bool) -> ocp.CheckpointManager:
-  opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
-  return ocp.CheckpointManager(os.path.abspath(path), options=opts)
+def _manager(workdir: str, create: bool) -> ocp.CheckpointManager:
+  policy = ocp_managers.AnyPreservationPolicy([
+      ocp_managers.LatestN(n=1),
+      ocp_managers.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                         keep_checkpoints_without_metrics=False),
+  ])
+  opts = ocp.CheckpointManagerOptions(create=create, preservation_policy=policy,
+                                      best_fn=lambda m: m["val_loss"], best_mode="min")
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=opts)
+
+
+def _abstract(tree):
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
 
 class Checkpoints:
-  """Latest + best managers of one work directory."""
+  """The checkpoints of one work directory (module docstring)."""
 
   def __init__(self, workdir: str, meta: Mapping):
-    self.meta = dict(meta)
-    self.latest = _manager(os.path.join(workdir, "checkpoints"), True)
-    self.best = _manager(os.path.join(workdir, "best"), True)
     self.workdir = workdir
+    self.meta = dict(meta)
+    self.mngr = _manager(workdir, create=True)
 
-  def _save(self, mngr, step: int, state, extra: Mapping | None):
-    meta = {**self.meta, **(extra or {}), "step": int(step)}
-    mngr.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        editor=ocp.args.StandardSave({"params": state.params, "aux": state.aux}),
-        meta=ocp.args.JsonSave(meta)), force=True)
-    mngr.wait_until_finished()
+  def latest_step(self) -> int | None:
+    return self.mngr.latest_step()
 
-  def save_latest(self, step, state, extra=None):
-    if self.latest.latest_step() == int(step):
+  def save(self, step: int, editor_state: EditorState, train_state: Any, extra: Mapping | None = None,
+           val_loss: float | None = None) -> None:
+    """Saves checkpoint `step` (once: a step already saved is left as is).
+
+    Args:
+      editor_state: the editor's EditorState.
+      train_state: a pytree of the rest a resumed run needs (optimizer state, counters).
+      extra: JSON-able bookkeeping stored in meta next to the run's own metadata.
+      val_loss: the validation loss at this step, if validated (it then competes for best).
+    """
+    step = int(step)
+    if step in self.mngr.all_steps():
       return
-    self._save(self.latest, step, state, extra)
+    meta = {**self.meta, **dict(extra or {}), "step": step}
+    self.mngr.save(step, args=ocp.args.Composite(
+        editor=ocp.args.StandardSave(editor_state),
+        train=ocp.args.StandardSave(train_state),
+        meta=ocp.args.JsonSave(meta)), metrics=None if val_loss is None else {"val_loss": float(val_loss)})
+    self.mngr.wait_until_finished()
 
-  def save_best(self, step, state):
-    self._save(self.best, step, state, None)
-
-  def restore_latest(self, abstract_state) -> tuple[Any, dict]:
-    """(state, meta) from the latest checkpoint, or (abstract_state, {}) if there is none."""
-    step = self.latest.latest_step()
-    if step is None:
-      return abstract_state, {}
-    meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    for key in ("alg", "family", "layers", "editor_config"):
+  def restore(self, editor_shapes: EditorState, train_shapes: Any) -> tuple[EditorState, Any, dict]:
+    """(editor state, train state, meta) of the latest checkpoint, restored into the given
+    abstract trees (shapes and dtypes, e.g. from jax.eval_shape). Raises CheckpointMismatch if the
+    checkpoint was made by another editor, model or layer set."""
+    step = self.mngr.latest_step()
+    meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    for key in FINGERPRINT_KEYS:
       if meta.get(key) != self.meta.get(key):
         raise CheckpointMismatch(
             f"work directory {self.workdir!r} holds a checkpoint whose {key} is {meta.get(key)!r}, but this "
             f"run's is {self.meta.get(key)!r}; use another --workdir or the same config")
-    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = self.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return restored["state"], meta
+    out = self.mngr.restore(step, args=ocp.args.Composite(
+        editor=ocp.args.StandardRestore(_abstract(editor_shapes)),
+        train=ocp.args.StandardRestore(_abstract(train_shapes))))
+    return EditorState(*out["editor"]), out["train"], meta
 
-  def close(self):
-    self.latest.close()
-    self.best.close()
+  def close(self) -> None:
+    self.mngr.close()
 
 
-def _resolve(path: str) -> str:
-  for sub in ("best", "checkpoints"):
-    cand = os.path.join(path, sub)
-    if os.path.isdir(cand) and _manager(cand, False).latest_step() is not None:
-      return cand
-  if os.path.isdir(path):
-    return path
-  raise FileNotFoundError(f"no checkpoint at {path!r} (expected a work directory or a checkpoint directory)")
+def _checkpoint_step(path: str) -> tuple[ocp.CheckpointManager, int]:
+  """The manager of work directory `path` and the step `load_editor` uses: the best checkpoint by
+  validation loss, else the latest."""
+  if not os.path.isdir(os.path.join(path, "checkpoints")):
+    raise FileNotFoundError(f"no checkpoint at {path!r} (expected a work directory holding checkpoints/)")
+  mngr = _manager(path, create=False)
+  step = mngr.best_step()
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint at {path!r}: {os.path.join(path, 'checkpoints')} is empty")
+  return mngr, step
 
 
 def read_meta(path: str) -> dict:
   """The JSON metadata of the checkpoint `load_editor(path, ...)` would restore."""
-  ckpt_dir = _resolve(path)
-  mngr = _manager(ckpt_dir, False)
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint at {path!r}")
+  mngr, step = _checkpoint_step(path)
   return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoadedEditor:
-  """A trained editor, ready to use: `new_params, info = editor.edit(params, batch)` (jitted).
+  """A trained editor, ready to use: `new_params, info = loaded.edit(params, batch)` (jitted).
 
-  alg: the algorithm object (MEND, ENN, KE, FT, FT+KL; see `mend_jax.algs`); state: its state.
-  The edit starts from `alg.pre_edit_params(state, params)`: `params` itself, except for ENN,
-  whose training changed the model (its trained copy is in the state)."""
+  editor: the Editor (MEND, ENN, KE, FT, FT+KL); state: its EditorState; meta: the checkpoint's
+  metadata. The edit starts from `editor.pre_edit_params(state, params)`: `params` itself, except
+  for ENN, whose training changed the model (its trained copy is in the state)."""
 
-  alg: Any
-  state: Any
+  editor: Editor
+  state: EditorState
   meta: dict
 
-  @property
-  def mend(self):  # the name research code used before the other algorithms existed
-    return self.alg
+  def edit(self, params, batch: Mapping[str, Any], **static):
+    """Checks the batch on the host (clear errors), then runs the jitted edit.
+    Returns (new_params, info)."""
+    models.check_batch(self.editor.model, batch)
+    return editors.jit_edit(self.editor, from_base=True)(self.state, params, batch, **static)
 
-  def edit(self, params, batch, **kwargs):
-    """Checks the batch on the host (clear errors), then runs the jitted edit."""
-    check_batch(self.alg.model, batch)
-    return _jitted_edit(self.alg, tuple(sorted(kwargs.items())))(self.state, params, batch)
-
-
-@functools.lru_cache(maxsize=32)
-def _jitted_edit(alg, kwargs):
-  jitted = algs.jit_edit(alg, from_base=True, static_argnames=tuple(k for k, _ in kwargs))
-  return lambda state, params, batch: jitted(state, params, batch, **dict(kwargs))
+  def with_loc_pool(self, loc_pool: Mapping[str, Any]) -> "LoadedEditor":
+    """A copy whose state carries a locality pool (FT+KL samples from it; others ignore it)."""
+    return dataclasses.replace(self, state=self.editor.with_loc_pool(self.state, loc_pool))
 
 
 def load_editor(path: str, model: EditableModel) -> LoadedEditor:
-  """Restores the editor saved under `path` (a work directory: its best checkpoint, else its
-  latest; or a checkpoint directory) for `model`. Raises CheckpointMismatch if the checkpoint was
-  made for another model family or other editable layers."""
-  ckpt_dir = _resolve(path)
-  mngr = _manager(ckpt_dir, False)
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint at {path!r}")
+  """Restores the editor saved in work directory `path` (its best checkpoint, else its latest)
+  for `model`. Raises CheckpointMismatch if the checkpoint was made for another model family or
+  other editable layers, FileNotFoundError if there is none."""
+  mngr, step = _checkpoint_step(path)
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  editor = algs.make_alg(meta.get("alg", "mend"), model, meta["editor_config"])
+  editor = editors.make(meta.get("alg", "mend"), model, meta["editor_config"])
   check_fingerprint(meta, editor, repr(path))
   abstract = jax.eval_shape(editor.init, jax.random.PRNGKey(0), model.params)
-  target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                  {"params": abstract.params, "aux": abstract.aux})
-  restored = mngr.restore(step, args=ocp.args.Composite(editor=ocp.args.StandardRestore(target)))["editor"]
-  return LoadedEditor(editor, type(abstract)(restored["params"], restored["aux"]), meta)
+  restored = mngr.restore(step, args=ocp.args.Composite(editor=ocp.args.StandardRestore(_abstract(abstract))))
+  mngr.close()
+  return LoadedEditor(editor, EditorState(*restored["editor"]), meta)
 
 
-def save_untrained(editor, base_params, workdir: str, seed: int, meta: Mapping) -> dict:
+def save_untrained(editor: Editor, base_params, workdir: str, seed: int, meta: Mapping) -> dict:
   """For editors with nothing to train (FT, FT+KL): saves their initial state as the work
-  directory's checkpoint, so evaluation, scripts/edit.py and `load_editor` treat every algorithm
+  directory's checkpoint (step 0), so evaluation, scripts and `load_editor` treat every editor
   alike. Returns a training summary with zero steps."""
   state = jax.jit(editor.init)(jax.random.PRNGKey(seed), base_params)
-  mngr = Checkpoints(workdir, {**dict(meta), **model_fingerprint(editor)})
-  mngr.save_best(0, state)
+  mngr = Checkpoints(workdir, {**dict(meta), **fingerprint(editor)})
+  mngr.save(0, state, {"step": jax.numpy.zeros((), jax.numpy.int32)})
   mngr.close()
   return {"steps": 0, "best_val_loss": None, "stopped_early": False, "n_skipped": 0, "train_time_s": 0.0}

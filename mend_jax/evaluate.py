@@ -18,9 +18,9 @@ consecutive group of k test records. Sequential editing (`evaluate_sequential`):
 one after another to the same model (each from the model the previous one left); after edit j
 the success of edits 1..j is measured again (`retained_*` curves), and locality after all k.
 
-Every editor with `edit(state, params, batch) -> (new_params, info)` works here (MEND and the
-baselines); `pre_edit_params(state, base_params)`, where an editor has it, gives the model its
-edits start from (ENN trains its own copy of the model).
+Every editor works here (`mend_jax.editors.base.Editor`); its `pre_edit_params(state,
+base_params)` gives the model its edits start from (ENN trains its own copy of the model).
+Tables and plots of the results are in `mend_jax.report`.
 """
 
 from __future__ import annotations
@@ -33,14 +33,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from mend_jax import algs, losses
-from mend_jax.data import EditData
-
-
-def start_params(editor, state, base_params):
-  fn = getattr(editor, "pre_edit_params", None)
-  return base_params if fn is None else fn(state, base_params)
+from mend_jax import editors, losses
+from mend_jax.data.batches import EditData
+from mend_jax.editors.base import Editor, EditorState
 
 
 def _peak_rss_gb() -> float:
@@ -62,12 +59,12 @@ def _scores(task, logits_fn, params, batch) -> dict:
 
 
 @functools.lru_cache(maxsize=16)
-def make_eval_fn(editor):
+def make_eval_fn(editor: Editor):
   """Jitted (state, base_params, batch) -> per-example arrays for one batch of k edits."""
   task = editor.model.task
 
   def fn(state, base_params, batch):
-    pre = start_params(editor, state, base_params)
+    pre = editor.pre_edit_params(state, base_params)
     new_params, _ = editor.edit(state, pre, batch["edit"])
     before = _scores(task, editor.model.logits, pre, batch)
     after = _scores(task, editor.model.logits, new_params, batch)
@@ -79,11 +76,6 @@ def make_eval_fn(editor):
     return out
 
   return jax.jit(fn)
-
-
-@functools.lru_cache(maxsize=16)
-def _jit_edit(editor):
-  return algs.jit_edit(editor, from_base=True)
 
 
 def _finish(out: dict, times: list, k: int, n: int) -> dict:
@@ -112,12 +104,15 @@ def _n_edits(data: EditData, n_edits: int | None, k: int) -> int:
   return n
 
 
-def evaluate(editor, state, base_params, data: EditData, n_edits: int | None = None,
+def evaluate(editor: Editor, state: EditorState, base_params, data: EditData, n_edits: int | None = None,
              k: int = 1) -> dict[str, Any]:
-  """Batched editing: k test edits at a time, each batch applied to the unedited model; metrics
-  averaged over the first n_edits records (all by default; rounded down to a multiple of k)."""
+  """Batched editing: k test edits at a time, each batch applied to the unedited model.
+
+  Returns the metrics of the module docstring averaged over the first n_edits records (all by
+  default; rounded down to a multiple of k), with n_test_edits, edits_per_batch and peak_rss_gb.
+  """
   n = _n_edits(data, n_edits, k)
-  eval_fn, edit_fn = make_eval_fn(editor), _jit_edit(editor)
+  eval_fn, edit_fn = make_eval_fn(editor), editors.jit_edit(editor, from_base=True)
   out: dict[str, list] = {}
   times = []
   for start in range(0, n, k):
@@ -131,13 +126,13 @@ def evaluate(editor, state, base_params, data: EditData, n_edits: int | None = N
 
 
 @functools.lru_cache(maxsize=16)
-def make_sequential_fn(editor):
+def make_sequential_fn(editor: Editor):
   """Jitted (state, base_params, batch of k records) -> curves: edits applied one by one (a scan);
   after edit j, success on every record's paraphrase and edit input ([k, k]: step x record)."""
   task = editor.model.task
 
   def fn(state, base_params, batch):
-    pre = start_params(editor, state, base_params)
+    pre = editor.pre_edit_params(state, base_params)
     rows = jax.tree_util.tree_map(lambda x: x[:, None], batch["edit"])  # [k, 1, ...]: one edit per step
 
     def step(params, row):
@@ -156,7 +151,7 @@ def make_sequential_fn(editor):
   return jax.jit(fn)
 
 
-def evaluate_sequential(editor, state, base_params, data: EditData, k: int,
+def evaluate_sequential(editor: Editor, state: EditorState, base_params, data: EditData, k: int,
                         n_edits: int | None = None) -> dict[str, Any]:
   """Sequential editing: consecutive groups of k test records, each group's edits applied one
   after another to one model. Returns, averaged over the groups:
@@ -165,7 +160,7 @@ def evaluate_sequential(editor, state, base_params, data: EditData, k: int,
       1..j+1 right after edit j+1;
     locality_* and ppl_*: after all k edits, against the unedited model."""
   n = _n_edits(data, n_edits, k)
-  fn, edit_fn = make_sequential_fn(editor), _jit_edit(editor)
+  fn, edit_fn = make_sequential_fn(editor), editors.jit_edit(editor, from_base=True)
   es_curves, rel_curves, out, times = [], [], {}, []
   tri = np.tril(np.ones((k, k)))  # [step j, record i]: i <= j
   for start in range(0, n, k):
@@ -193,105 +188,25 @@ def evaluate_sequential(editor, state, base_params, data: EditData, k: int,
   return res
 
 
-def evaluate_ks(editor, state, base_params, data: EditData, ks: Sequence[int] = (1, 5, 25, 125),
-                n_edits: int | None = None, sequential: bool = True, log=print) -> dict:
-  """{"batched": {k: results}, "sequential": {k: results}} for each k that the data allows."""
+def evaluate_ks(editor: Editor, state: EditorState, base_params, data: EditData,
+                ks: Sequence[int] = (1, 5, 25, 125), n_edits: int | None = None, sequential: bool = True) -> dict:
+  """{"batched": {k: results}, "sequential": {k: results}} for each k that the data allows (a k
+  above the number of test edits is skipped, with a warning)."""
   out: dict[str, dict] = {"batched": {}, "sequential": {}}
   avail = len(data) if n_edits is None else min(n_edits, len(data))
   for k in ks:
     if k > avail:
-      log(f"k={k}: skipped, only {avail} test edits")
+      logging.warning("k=%d: skipped, only %d test edits", k, avail)
       continue
     out["batched"][k] = evaluate(editor, state, base_params, data, n_edits, k)
-    log(f"batched k={k}: " + _summary(out["batched"][k]))
+    logging.info("batched k=%d: %s", k, summary(out["batched"][k]))
     if sequential:
       out["sequential"][k] = evaluate_sequential(editor, state, base_params, data, k, n_edits)
-      log(f"sequential k={k}: " + _summary(out["sequential"][k]))
+      logging.info("sequential k=%d: %s", k, summary(out["sequential"][k]))
   return out
 
 
-def _summary(r: dict) -> str:
+def summary(r: dict) -> str:
+  """One line of the main metrics of a result dict."""
   keys = ("edit_success", "reliability", "locality_drawdown", "ppl_drawdown", "time_per_edit_s")
   return ", ".join(f"{key}={r[key]:.4f}" for key in keys if key in r)
-
-
-def ks_table(results: dict) -> str:
-  """A markdown table of evaluate_ks results."""
-  ppl = any("ppl_drawdown" in r for mode in results.values() for r in mode.values())
-  head = "| mode | k | edits | edit success | reliability | locality pre | locality post | drawdown |"
-  head += " ppl pre -> post |" if ppl else ""
-  head += " time/edit ms |"
-  rows = [head, "|" + "---|" * (head.count("|") - 1)]
-  for mode in ("batched", "sequential"):
-    for k, r in sorted(results.get(mode, {}).items(), key=lambda kv: int(kv[0])):
-      row = (f"| {mode} | {k} | {r['n_test_edits']} | {r['edit_success']:.3f} | {r['reliability']:.3f} "
-             f"| {r['locality_acc_pre']:.3f} | {r['locality_acc_post']:.3f} | {r['locality_drawdown']:.3f} |")
-      if ppl:
-        row += f" {r['ppl_pre']:.2f} -> {r['ppl_post']:.2f} |" if "ppl_pre" in r else " |"
-      row += f" {1000 * r['time_per_edit_s']:.1f} |"
-      rows.append(row)
-  return "\n".join(rows)
-
-
-def plot_ks(results: dict, path: str, title: str = "") -> str:
-  """Edit success and locality drawdown against k, batched and sequential (log-scale k)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-  for mode, style in (("batched", "o-"), ("sequential", "s--")):
-    rs = sorted(results.get(mode, {}).items(), key=lambda kv: int(kv[0]))
-    if not rs:
-      continue
-    ks = [int(k) for k, _ in rs]
-    axes[0].plot(ks, [r["edit_success"] for _, r in rs], style, label=mode)
-    axes[1].plot(ks, [r["locality_drawdown"] for _, r in rs], style, label=mode)
-  for ax, name in zip(axes, ("edit success (paraphrases)", "locality drawdown")):
-    ax.set_xscale("log")
-    ax.set_xlabel("k edits")
-    ax.set_title(name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
-
-
-def greedy_answer(model, params, tokenizer, prompt: str, max_new_tokens: int = 3, max_len: int | None = None) -> str:
-  """Greedy continuation of `prompt` (causal LMs), stopping at eos/pad. Fixed-length input, so the
-  forward pass compiles once per max_len."""
-  max_len = max_len or model.max_length or 64
-  bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-  ids = bos + tokenizer.encode(prompt, add_special_tokens=False)
-  if len(ids) + max_new_tokens > max_len:
-    raise ValueError(f"prompt {prompt!r} is {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds "
-                     f"the context of {max_len}")
-  stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-  fwd = _forward(model, max_len)
-  new = []
-  for _ in range(max_new_tokens):
-    arr = np.zeros((1, max_len), np.int32)
-    arr[0, : len(ids)] = ids
-    mask = (np.arange(max_len) < len(ids)).astype(np.int32)[None]
-    nxt = int(fwd(params, jnp.asarray(arr), jnp.asarray(mask), len(ids) - 1))
-    if nxt in stop:
-      break
-    ids.append(nxt)
-    new.append(nxt)
-  return tokenizer.decode(new).strip()
-
-
-_FWD_CACHE: dict = {}
-
-
-def _forward(model, max_len):
-  key = (id(model), max_len)
-  if key not in _FWD_CACHE:
-    _FWD_CACHE[key] = jax.jit(lambda p, ids, mask, pos: jnp.argmax(
-        model.logits(p, {"input_ids": ids, "attention_mask": mask})[0, pos]))
-  return _FWD_CACHE[key]

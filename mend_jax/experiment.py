@@ -1,8 +1,8 @@
-"""From a config to a trained, evaluated, saved editor: what the command-line scripts call.
+"""From a config to a trained, evaluated, saved editor: what the command line calls.
 
-Config layout (see configs/synthetic_demo.py): seed, task, cache_dir, world, pretrain, model
-(name_or_path, editable), data (max_len), editor (EditorConfig fields), train (TrainConfig fields),
-eval (n_test, k, show_edit).
+The config schema is `mend_jax.configs.common` (one for every experiment): seed, task, alg,
+cache_dir, tiny, model, data, train, eval, and one section per editor named after it (mend, ft,
+ft_kl, enn, ke).
 """
 
 from __future__ import annotations
@@ -11,19 +11,24 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+import transformers
+from absl import logging
 
-from mend_jax import algs as algs_lib
 from mend_jax import checkpoint as ckpt_lib
+from mend_jax import editors, models, paper, report, tree
 from mend_jax import evaluate as eval_lib
 from mend_jax import train as train_lib
-from mend_jax.data import EditData
-from mend_jax.editor import EditorConfig
-from mend_jax.mend import MEND
+from mend_jax.data import official
+from mend_jax.data.batches import EditData
+from mend_jax.editors.base import Editor, build_config
 from mend_jax.models import EditableModel, load_model
+from mend_jax.synthetic import benchmark
+from mend_jax.synthetic import pretrain as pretrain_lib
+from mend_jax.synthetic.world import WorldConfig
 
 TASKS = ("synthetic", "zsre", "fever", "wikitext")
 
@@ -37,41 +42,34 @@ class Task:
   test: EditData
 
 
-def build_dataclass(cls, overrides: Mapping, name: str):
-  """cls(**overrides) with a clear error naming unknown keys (as name.key)."""
-  return algs_lib.build_config(cls, dict(overrides), name)
-
-
 def _plain(cfg) -> dict:
   return json.loads(cfg.to_json()) if hasattr(cfg, "to_json") else json.loads(json.dumps(cfg))
 
 
-def prepare(config) -> Task:
-  """Builds (and caches) the data and base model that `config` names."""
+def prepare(config, progress: Callable | None = None) -> Task:
+  """Builds (and caches under config.cache_dir) the data and base model that `config` names.
+
+  progress: passed to `pretrain.pretrain` when the synthetic base model has to be trained.
+  """
   if config.task not in TASKS:
     raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
   if config.task != "synthetic":
     return _prepare_paper(config)
-  from mend_jax import pretrain as pretrain_lib
-  from mend_jax import synthetic
-
   cache = os.path.abspath(config.cache_dir)
-  world_cfg = build_dataclass(synthetic.WorldConfig, config.world, "world")
-  paths = synthetic.write_benchmark(os.path.join(cache, "data"), world_cfg)
+  world_cfg = build_config(WorldConfig, config.data.world, "data.world")
+  paths = benchmark.write_benchmark(os.path.join(cache, "data"), world_cfg)
   data_dir = os.path.dirname(str(paths["train"]))
   model_dir = config.model.name_or_path
   if not model_dir:
-    pcfg = build_dataclass(pretrain_lib.PretrainConfig, config.pretrain, "pretrain")
-    model_dir = str(pretrain_lib.pretrain(data_dir, os.path.join(cache, "model"), pcfg))
-  import transformers
-
+    pcfg = build_config(pretrain_lib.PretrainConfig, config.model.pretrain, "model.pretrain")
+    model_dir = str(pretrain_lib.pretrain(data_dir, os.path.join(cache, "model"), pcfg, progress=progress))
   editable = tuple(config.model.editable) or None
   model = load_model(model_dir, editable=editable)
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
   max_len = int(config.data.max_len)
   if model.max_length is not None and max_len > model.max_length:
     raise ValueError(f"data.max_len={max_len} exceeds the model's context of {model.max_length}")
-  split = lambda s: EditData.from_records(synthetic.load_records(paths[s]), tokenizer, max_len, name=str(paths[s]))
+  split = lambda s: EditData.from_records(benchmark.load_records(paths[s]), tokenizer, max_len, name=str(paths[s]))
   return Task(model, tokenizer, split("train"), split("val"), split("test"))
 
 
@@ -86,32 +84,30 @@ def _data_path(config, key: str) -> str:
 def _load_paper_records(config):
   """(train, val, test) record lists of a paper task, and the NQ pairs (zsRE) or None.
 
-  test = the official dev/valid file (what the paper reports); val = the last train.n_val rows of
+  test = data.test_path, the official dev/valid file (what the paper reports); val = the last train.n_val rows of
   the train file, held out from training for early stopping, so model selection never sees test."""
-  from mend_jax import datasets as ds_lib
-
   d, seed = config.data, int(config.seed)
   cache = os.path.join(os.path.abspath(config.cache_dir), "hf_datasets")
-  train_path, dev_path = _data_path(config, "train_path"), _data_path(config, "dev_path")
+  train_path, test_path = _data_path(config, "train_path"), _data_path(config, "test_path")
   nq = None
   if config.task == "zsre":
-    train, test = (ds_lib.load_zsre(p, seed, cache_dir=cache) for p in (train_path, dev_path))
+    train, test = (official.load_zsre(p, seed, cache_dir=cache) for p in (train_path, test_path))
     if _data_path(config, "nq_path"):
-      nq = ds_lib.load_nq(d.nq_path, cache_dir=cache)
-      print(nq.summary())
+      nq = official.load_nq(d.nq_path, cache_dir=cache)
+      logging.info(nq.summary())
   elif config.task == "fever":
-    train, test = (ds_lib.load_fever(p, seed, cache_dir=cache) for p in (train_path, dev_path))
+    train, test = (official.load_fever(p, seed, cache_dir=cache) for p in (train_path, test_path))
   else:
     min_words = int(d.get("min_words", 50))
-    loc_train = ds_lib.load_texts(_data_path(config, "loc_train_path"), min_words, cache_dir=cache)
-    loc_val = (ds_lib.load_texts(_data_path(config, "loc_val_path"), min_words, cache_dir=cache)
+    loc_train = official.load_texts(_data_path(config, "loc_train_path"), min_words, cache_dir=cache)
+    loc_val = (official.load_texts(_data_path(config, "loc_val_path"), min_words, cache_dir=cache)
                if d.get("loc_val_path") else loc_train)
     for loaded in {id(x): x for x in (loc_train, loc_val)}.values():
-      print(loaded.summary())
-    train = ds_lib.load_wiki_edits(train_path, loc_train.records, seed, cache_dir=cache)
-    test = ds_lib.load_wiki_edits(dev_path, loc_val.records, seed, cache_dir=cache)
+      logging.info(loaded.summary())
+    train = official.load_wiki_edits(train_path, loc_train.records, seed, cache_dir=cache)
+    test = official.load_wiki_edits(test_path, loc_val.records, seed, cache_dir=cache)
   for loaded in (train, test):
-    print(loaded.summary())
+    logging.info(loaded.summary())
   n_val = int(config.train.n_val)
   if not 0 < n_val < len(train):
     raise ValueError(f"train.n_val={n_val} validation edits are held out of {train.path!r}, which has "
@@ -119,8 +115,6 @@ def _load_paper_records(config):
   records = train.records
   val = [dict(r) for r in records[-n_val:]]
   if config.task == "wikitext":  # validation edits take their locality from the validation texts
-    import numpy as np
-
     order = np.random.default_rng([seed, 17]).permutation(len(loc_val.records))
     for i, r in enumerate(val):
       r["loc"] = loc_val.records[order[i % len(order)]]
@@ -130,18 +124,13 @@ def _load_paper_records(config):
 def _paper_model(config, texts):
   """(EditableModel, tokenizer): pretrained by name/path, or with config.tiny a tiny random model
   of the same family and a tokenizer trained on `texts`."""
-  import transformers
-
-  from mend_jax import models as models_lib
-  from mend_jax import paper
-
   editable = tuple(config.model.editable) or None
   max_len = int(config.data.max_len)
   if config.get("tiny", False):
     family = str(config.model.family)
     tokenizer = paper.tiny_tokenizer(family, texts)
     hf_cfg = paper.tiny_hf_config(family, tokenizer, max_len, config.model.get("tiny", None))
-    model = models_lib.model_from_config(hf_cfg, editable=editable, seed=int(config.seed))
+    model = models.model_from_config(hf_cfg, editable=editable, seed=int(config.seed))
   else:
     model = load_model(config.model.name_or_path, editable=editable)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.get("tokenizer") or config.model.name_or_path)
@@ -156,9 +145,6 @@ def _paper_model(config, texts):
 
 def _prepare_paper(config) -> Task:
   """prepare() for the paper's tasks (zsre, fever, wikitext); paths from config.data."""
-  from mend_jax import datasets as ds_lib
-  from mend_jax import paper
-
   train, val, test, nq = _load_paper_records(config)
   model, tokenizer = _paper_model(config, paper.record_texts(train + val + test + [
       {"loc": q, "loc_ans": a} for q, a in (nq or [])[:2000]]))
@@ -172,9 +158,9 @@ def _prepare_paper(config) -> Task:
     # NQ answers that do not fit the decoder (with eos) are left out rather than truncated.
     fits = [(q, a) for q, a in nq if len(tokenizer.encode(a, add_special_tokens=False)) + 1 <= max_len]
     if len(fits) < len(nq):
-      print(f"NQ: {len(nq) - len(fits)} pairs with answers longer than data.max_len={max_len} left out")
-    ds_lib.pair_locality(val, fits, seed, "validation")
-    ds_lib.pair_locality(test, fits, seed + 1, "test")
+      logging.info("NQ: %d pairs with answers longer than data.max_len=%d left out", len(nq) - len(fits), max_len)
+    official.pair_locality(val, fits, seed, "validation")
+    official.pair_locality(test, fits, seed + 1, "test")
   dec = getattr(model.config, "decoder_start_token_id", None)
   build = lambda recs, name: EditData.from_records(recs, tokenizer, max_len, name=name, task=task,
                                                    decoder_start_id=dec, seed=seed)
@@ -182,81 +168,77 @@ def _prepare_paper(config) -> Task:
               build(test, f"{config.task} test"))
 
 
-def alg_name(config) -> str:
-  name = str(config.get("alg", "mend"))
-  if name not in algs_lib.ALGS:
-    raise ValueError(f"config.alg must be one of {algs_lib.ALGS}, got {name!r}")
-  return name
+def make_editor(config, model: EditableModel) -> Editor:
+  """The editor config.alg names, configured by its own section (config.mend, config.enn, ...);
+  unknown names or keys raise a clear error."""
+  name = str(config.alg)
+  if name not in editors.NAMES:
+    raise ValueError(f"config.alg must be one of {editors.NAMES}, got {name!r}")
+  return editors.make(name, model, config[name])
 
 
-def make_editor(config, model: EditableModel):
-  """The editor config.alg names ("mend" by default), configured by config.editor for MEND and by
-  config.<alg> (e.g. config.enn) for the baselines; unknown keys raise a clear error."""
-  name = alg_name(config)
-  if name == "mend":
-    return MEND(model, build_dataclass(EditorConfig, config.editor, "editor"))
-  return algs_lib.make_alg(name, model, dict(config.get(name, None) or {}))
+def num_params(editor: Editor, base_params) -> int:
+  """Trained parameters of an editor (ENN: the whole model plus its inner lrs; FT: 0)."""
+  return tree.num_elements(jax.eval_shape(editor.init, jax.random.PRNGKey(0), base_params).params)
 
 
-def num_params(editor, base_params) -> int:
-  """Trained parameters of a learned editor (ENN: the whole model plus its inner lrs); 0 for FT."""
-  shapes = jax.eval_shape(editor.init, jax.random.PRNGKey(0), base_params)
-  return int(sum(x.size for x in jax.tree_util.tree_leaves(shapes.params)))
+def loc_pool(data: EditData, max_rows: int = 1000) -> dict:
+  """The locality examples of (up to max_rows of) a split as one batch dict: the pool that
+  editors which sample locality data during an edit (FT+KL) draw from."""
+  return data.loc.take(np.arange(min(len(data), max_rows)))
 
 
-def with_loc_pool(editor, state, data: EditData, max_rows: int = 1000):
-  """FT+KL samples locality examples during each edit: give it the training split's."""
-  if not getattr(editor, "needs_loc_pool", False):
-    return state
-  idx = np.arange(min(len(data), max_rows))
-  return editor.with_loc_pool(state, data.loc.take(idx))
-
-
-def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
+def train_and_evaluate(config, workdir: str, progress: Callable | None = None) -> dict:
   """Trains a learned editor (resuming from workdir if a checkpoint is there) or, for FT / FT+KL,
   saves their (untrained) state; evaluates the best one on the test split, writes
-  workdir/results.json and returns the results."""
+  workdir/results.json and workdir/curves.png, and returns the results.
+
+  progress(step, total, row): called during pretraining and training (the command line's bar).
+  """
   t0 = time.time()
-  tcfg = build_dataclass(train_lib.TrainConfig, config.train, "train")
-  task = prepare(config)
+  tcfg = build_config(train_lib.TrainConfig, config.train, "train")
+  task = prepare(config, progress=progress)
   editor = make_editor(config, task.model)
-  print(f"base model: {task.model.family.name}, editing {len(task.model.layers)} layers "
-        f"{[l.path for l in task.model.layers]}; {editor.name} parameters: "
-        f"{num_params(editor, task.model.params):,}")
+  logging.info("base model: %s, editing %d layers %s; %s parameters: %s", task.model.family.name,
+               len(task.model.layers), list(task.model.layer_paths), editor.name,
+               f"{num_params(editor, task.model.params):,}")
+  meta = {"config": _plain(config)}
   if editor.learned:
     _, summary = train_lib.fit(editor, tcfg, task.model.params, task.train, task.val, workdir,
-                               seed=int(config.seed), meta={"config": _plain(config)}, progress=progress)
+                               seed=int(config.seed), meta=meta, progress=progress)
   else:
-    summary = ckpt_lib.save_untrained(editor, task.model.params, workdir, int(config.seed),
-                                      {"config": _plain(config)})
+    summary = ckpt_lib.save_untrained(editor, task.model.params, workdir, int(config.seed), meta)
   results = evaluate_workdir(config, workdir, task=task)
   results.update(summary)
   results["editor_params"] = num_params(editor, task.model.params)
   results["total_time_s"] = time.time() - t0
-  write_results(workdir, results)
-  try:
-    plot_metrics(workdir)
-  except Exception as e:  # a plot is a convenience; never lose the results over it
-    print(f"(could not plot metrics: {e})")
-  if config.eval.show_edit:
-    show_edit(workdir, task, task.test.records[0])
+  report.write_json(os.path.join(workdir, "results.json"), results)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.isfile(metrics_path):
+    try:
+      report.plot_metrics(report.read_jsonl(metrics_path), os.path.join(workdir, "curves.png"))
+    except Exception as e:  # a plot is a convenience; never lose the results over it
+      logging.warning("could not plot the training curves: %s", e)
   return results
+
+
+def _loaded(workdir: str, task: Task) -> ckpt_lib.LoadedEditor:
+  loaded = ckpt_lib.load_editor(workdir, task.model)
+  return loaded.with_loc_pool(loc_pool(task.train)) if loaded.editor.needs_loc_pool else loaded
 
 
 def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str = "test",
                      k: int | None = None) -> dict:
+  """Batched evaluation (`evaluate.evaluate`) of the editor saved in workdir on a split."""
   task = task or prepare(config)
-  loaded = ckpt_lib.load_editor(workdir, task.model)
+  loaded = _loaded(workdir, task)
   data = getattr(task, split)
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
-  state = with_loc_pool(loaded.alg, loaded.state, task.train)
-  res = eval_lib.evaluate(loaded.alg, state, task.model.params, data, n_edits=n, k=int(k or config.eval.k))
-  res["alg"] = loaded.alg.name
+  res = eval_lib.evaluate(loaded.editor, loaded.state, task.model.params, data, n_edits=n,
+                          k=int(k or config.eval.k))
+  res["alg"] = loaded.editor.name
   res["split"] = split
   res["checkpoint_step"] = int(loaded.meta.get("step", -1))
-  print("results on %s: %s" % (split, ", ".join(
-      f"{key}={res[key]:.4f}" for key in ("edit_success", "reliability", "locality_acc_pre",
-                                          "locality_acc_post", "locality_drawdown", "time_per_edit_s"))))
   return res
 
 
@@ -265,79 +247,31 @@ def evaluate_k_sweep(config, workdir: str, task: Task | None = None, split: str 
   """Batched and sequential editing for each k (`evaluate.evaluate_ks`) with the saved editor.
   Writes workdir/results_k.json, workdir/results_k.md (the table) and workdir/k_sweep.png."""
   task = task or prepare(config)
-  loaded = ckpt_lib.load_editor(workdir, task.model)
+  loaded = _loaded(workdir, task)
   data = getattr(task, split)
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
-  state = with_loc_pool(loaded.alg, loaded.state, task.train)
-  res = eval_lib.evaluate_ks(loaded.alg, state, task.model.params, data, tuple(ks), n, sequential)
-  table = eval_lib.ks_table(res)
-  print(table)
-  write_results(workdir, {"split": split, "checkpoint_step": int(loaded.meta.get("step", -1)),
-                          **{mode: {str(k): r for k, r in rs.items()} for mode, rs in res.items()}},
-                name="results_k.json")
-  _write_text(os.path.join(workdir, "results_k.md"), table + "\n")
-  eval_lib.plot_ks(res, os.path.join(workdir, "k_sweep.png"), title=f"{config.task}: {split} split")
+  res = eval_lib.evaluate_ks(loaded.editor, loaded.state, task.model.params, data, tuple(ks), n, sequential)
+  report.write_json(os.path.join(workdir, "results_k.json"),
+                    {"split": split, "checkpoint_step": int(loaded.meta.get("step", -1)),
+                     **{mode: {str(k): r for k, r in rs.items()} for mode, rs in res.items()}})
+  report.atomic_write_text(os.path.join(workdir, "results_k.md"), report.ks_table(res) + "\n")
+  report.plot_ks(res, os.path.join(workdir, "k_sweep.png"), title=f"{config.task}: {split} split")
   return res
 
 
-def _write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def write_results(workdir: str, results: Mapping, name: str = "results.json") -> str:
-  """Writes workdir/name atomically (a temporary file renamed), so a crash never leaves half."""
-  path = os.path.join(workdir, name)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(dict(results), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-  return path
-
-
-def plot_metrics(workdir: str) -> str:
-  """workdir/curves.png: training loss, edit success and locality agreement against step."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  train_rows = [r for r in rows if "loss" in r]
-  val_rows = [r for r in rows if "val/loss" in r]
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-  for ax, key, title in zip(axes, ("loss", "edit_success", "loc_agree"),
-                            ("loss", "edit success (paraphrase)", "locality agreement")):
-    ax.plot([r["step"] for r in train_rows], [r[key] for r in train_rows], label="train")
-    ax.plot([r["step"] for r in val_rows], [r["val/" + key] for r in val_rows], "o-", label="validation")
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.legend()
-  fig.tight_layout()
-  out = os.path.join(workdir, "curves.png")
-  fig.savefig(out, dpi=80)
-  plt.close(fig)
-  return out
-
-
-def show_edit(workdir: str, task: Task, record: Mapping, loaded=None) -> dict:
-  """Applies one edit (record's src -> alt) and prints greedy answers before and after."""
-  loaded = loaded or ckpt_lib.load_editor(workdir, task.model)
-  loaded.state = with_loc_pool(loaded.alg, loaded.state, task.train)
+def show_edit(workdir: str, task: Task, record: Mapping, loaded: ckpt_lib.LoadedEditor | None = None) -> dict:
+  """Applies one edit (record's src -> alt) with the saved editor and returns greedy answers
+  before and after on the edit prompt, its paraphrase and an unrelated prompt:
+  {"target", "loss_before", "rows": [{kind, prompt, before, after}]}."""
+  loaded = loaded or _loaded(workdir, task)
   model, tok = task.model, task.tokenizer
   one = EditData.from_records([record], tok, task.train.edit.input_ids.shape[1], name="edit")
   new_params, info = loaded.edit(model.params, one.edit.take([0]))
-  start = loaded.alg.pre_edit_params(loaded.state, model.params)
+  start = loaded.editor.pre_edit_params(loaded.state, model.params)
   prompts = [("edit prompt", record["src"]), ("paraphrase", record["rephrase"]), ("unrelated", record["loc"])]
-  out = {"target": record["alt"], "rows": []}
   n_new = max(1, len(tok.encode(" " + record["alt"].strip(), add_special_tokens=False)))
-  print(f"\nEdit: {record['src']!r} -> {record['alt']!r}   (loss before {float(info['loss_before']):.3f})")
-  print(f"{'':12s} {'prompt':45s} {'before':>12s} {'after':>12s}")
-  for name, p in prompts:
-    before = eval_lib.greedy_answer(model, start, tok, p, max_new_tokens=n_new)
-    after = eval_lib.greedy_answer(model, new_params, tok, p, max_new_tokens=n_new)
-    out["rows"].append({"kind": name, "prompt": p, "before": before, "after": after})
-    print(f"{name:12s} {p[:45]:45s} {before:>12s} {after:>12s}")
-  return out
+  rows = [{"kind": name, "prompt": p,
+           "before": models.greedy_answer(model, start, tok, p, max_new_tokens=n_new),
+           "after": models.greedy_answer(model, new_params, tok, p, max_new_tokens=n_new)}
+          for name, p in prompts]
+  return {"prompt": record["src"], "target": record["alt"], "loss_before": float(info["loss_before"]), "rows": rows}

@@ -1,27 +1,35 @@
-"""Task losses and metrics, pure functions of logits and a batch.
+"""Task losses and metrics (pure functions of logits and a batch), and Algorithm 1's outer loss.
 
 Which tokens count:
   causal_lm: logits[:, t] predicts labels[:, t+1]; a token is scored where labels != -100.
   seq2seq:   logits[:, t] predicts labels[:, t] (decoder positions); scored where labels != -100.
   binary:    one logit per example, labels in {0, 1}.
-The edit loss is the token mean over every scored token of the batch (as in the paper's code), so a
-batch of k edits is one loss whose gradient is the sum of per-token rank-1 terms.
+Two NLLs: `nll` is the token mean over every scored token of a batch (L_e of the paraphrase,
+as the paper's code); `nll_per_edit_sum` is the sum over the batch's examples of each one's
+token mean, the loss an edit differentiates, so that one edit's gradient is the same alone or
+among k edits.
 
 Locality KL(p_base || p_edited), by task:
   causal_lm: at every position where `kl_mask` (default: attention_mask) is 1; each position's
              next-token distribution.
   seq2seq:   at each answer token (labels != -100), given its prefix; `kl_mask` overrides.
   binary:    closed-form Bernoulli KL, mean over examples.
+
+Algorithm 1's outer loss of an edited model, L = c_edit * L_e(equiv) + c_loc * L_loc(loc), is
+`post_edit_loss`, with its weights in an `Objective`.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from mend_jax.models import EditableModel
+
 IGNORE = -100
+KL_POSITIONS = ("answer", "all")
 
 
 def _align(task: str, logits: jax.Array, batch: Mapping[str, jax.Array]):
@@ -119,3 +127,69 @@ def locality_kl(task: str, base_logits: jax.Array, edited_logits: jax.Array,
   lq = jax.nn.log_softmax(edited_logits.astype(jnp.float32), -1)
   kl = jnp.sum(jnp.exp(lp) * (lp - lq), -1)
   return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+# ---------------------------------------------------------------------------- Algorithm 1
+
+
+class Objective(NamedTuple):
+  """The weights of Algorithm 1's loss, the same for every learned editor:
+  L = c_edit * L_e(equiv) + c_loc * KL(p_base || p_edited)(loc), the KL at the answer positions
+  ("answer": `kl_mask`) or at every non-pad token ("all")."""
+
+  c_edit: float = 0.1
+  c_loc: float = 1.0
+  kl_positions: str = "answer"
+
+
+def check_kl_positions(value: str) -> None:
+  if value not in KL_POSITIONS:
+    raise ValueError(f"kl_positions must be one of {KL_POSITIONS}, got {value!r}")
+
+
+def loc_batch(batch: Mapping[str, jax.Array], kl_positions: str) -> dict:
+  """The locality batch the KL reads: "answer" keeps it as is; "all" drops kl_mask and the read
+  positions, so the KL covers every non-pad token (see `kl_mask`)."""
+  if kl_positions == "all":
+    return {k: v for k, v in batch.items() if k not in ("kl_mask", "read_pos", "read_mask")}
+  return dict(batch)
+
+
+def edit_nll(model: EditableModel, params, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """The loss a one-shot edit differentiates: `nll_per_edit_sum` of the model's logits (equal to
+  the token mean for one edit), so each of k edits gets the step it would get alone."""
+  return nll_per_edit_sum(model.task, model.logits(params, batch), batch)
+
+
+def post_edit_loss(model: EditableModel, edited_params, ref_params, batch: Mapping[str, Mapping[str, jax.Array]],
+                   objective: Objective, ref_logits: jax.Array | None = None):
+  """The outer loss of Algorithm 1 for an edited model: c_edit * L_e + c_loc * L_loc.
+
+  Args:
+    edited_params: the model after the edit (differentiated).
+    ref_params: the reference model of the locality KL, under stop_gradient (ignored when
+      `ref_logits` is given: the reference's logits on `loc_batch(batch["loc"], kl_positions)`).
+    batch: {"equiv", "loc"} batches (and "edit", unused here).
+  Returns:
+    (loss [], metrics): loss, loss_edit (token-mean NLL of "equiv"), loss_loc (the KL),
+    edit_success (mean exact match on "equiv"), loc_agree (share of locality examples whose
+    exact match is unchanged).
+  """
+  check_kl_positions(objective.kl_positions)
+  task = model.task
+  eq_logits = model.logits(edited_params, batch["equiv"])
+  l_edit = nll(task, eq_logits, batch["equiv"])
+  loc = loc_batch(batch["loc"], objective.kl_positions)
+  if ref_logits is None:
+    ref_logits = model.logits(ref_params, loc)
+  ref_logits = jax.lax.stop_gradient(ref_logits)
+  post_logits = model.logits(edited_params, loc)
+  l_loc = locality_kl(task, ref_logits, post_logits, loc)
+  loss = objective.c_edit * l_edit + objective.c_loc * l_loc
+  metrics = {
+      "loss": loss, "loss_edit": l_edit, "loss_loc": l_loc,
+      "edit_success": jnp.mean(exact_match(task, eq_logits, batch["equiv"])),
+      "loc_agree": jnp.mean(exact_match(task, post_logits, batch["loc"])
+                            == exact_match(task, ref_logits, batch["loc"])),
+  }
+  return loss, metrics

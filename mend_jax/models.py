@@ -18,14 +18,18 @@ Batches are dicts of arrays (see `mend_jax.losses` for the loss conventions):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import re
 from typing import Any, Callable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
+import numpy as np
+import transformers
 
-from mend_jax import compat
+from mend_jax import compat, tree
 
 compat.patch_transformers_flax()
 
@@ -173,7 +177,7 @@ def resolve_layers(params: Params, regexes: Sequence[str], layout: str) -> tuple
       compiled.append(re.compile(rx))
     except re.error as e:
       raise ValueError(f"editable regex {rx!r} is not a valid regular expression: {e}") from None
-  flat = traverse_util.flatten_dict(params, sep="/")
+  flat = tree.flatten(params)
   # Order: by the first regex that matches (e.g. encoder before decoder), then natural path order.
   matched = {}
   for path in flat:
@@ -269,8 +273,6 @@ class EditableModel:
 
 def _logits_at(hf_model, kw, read_pos: jax.Array) -> jax.Array:
   """hf_model(**kw).logits at positions read_pos [B,P] only: [B,P,V]."""
-  import flax.linen as nn
-
   calls = []
 
   def gather_head_input(next_fun, args, kwargs, context):
@@ -295,8 +297,6 @@ def position_ids(attention_mask: jax.Array) -> jax.Array:
 
 
 def _flax_class(family: Family):
-  import transformers
-
   return getattr(transformers, family.flax_class)
 
 
@@ -328,10 +328,6 @@ def load_model(name_or_path: str, editable: Sequence[str] | None = None, dtype=j
 
   Raises a clear error when the path holds no model or the family is unsupported.
   """
-  import os
-
-  import transformers
-
   if os.path.sep in str(name_or_path) or str(name_or_path).startswith("."):
     if not os.path.isdir(name_or_path):
       raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
@@ -349,3 +345,69 @@ def load_model(name_or_path: str, editable: Sequence[str] | None = None, dtype=j
     # Directories saved by PyTorch only hold pytorch_model.bin / model.safetensors in torch layout.
     hf_model = cls.from_pretrained(name_or_path, dtype=dtype, from_pt=True, **kwargs)
   return _wrap(hf_model, editable)
+
+
+# ---------------------------------------------------------------------------- batches
+
+BATCH_KEYS = {"causal_lm": ("input_ids", "attention_mask", "labels"),
+              "seq2seq": ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels"),
+              "binary": ("input_ids", "attention_mask", "labels")}
+
+
+def check_batch(model: EditableModel, batch: Mapping[str, Any]) -> None:
+  """Clear errors for a malformed edit batch, on the host, before anything reaches JAX.
+
+  Checks the keys the model's task needs (`BATCH_KEYS`), input_ids [batch, time], a length within
+  the model's context and, for sequence tasks, at least one scored label.
+  """
+  need = BATCH_KEYS[model.task]
+  missing = [k for k in need if k not in batch]
+  if missing:
+    raise ValueError(f"batch for a {model.task} model is missing {missing}; it has {sorted(batch)}")
+  ids = batch["input_ids"]
+  if getattr(ids, "ndim", 0) != 2:
+    raise ValueError(f"batch['input_ids'] must be [batch, time], got shape {getattr(ids, 'shape', None)}")
+  limit = model.max_length
+  if limit is not None and ids.shape[1] > limit:
+    raise ValueError(f"batch['input_ids'] has {ids.shape[1]} tokens, longer than the model's context of {limit}")
+  if model.task != "binary" and not np.any(np.asarray(batch["labels"]) != -100):
+    raise ValueError("batch['labels'] has no scored token (all -100): the edit target is empty")
+
+
+# ---------------------------------------------------------------------------- greedy decoding
+
+
+def greedy_answer(model: EditableModel, params, tokenizer, prompt: str, max_new_tokens: int = 3,
+                  max_len: int | None = None) -> str:
+  """Greedy continuation of `prompt` by a causal LM, stopping at eos/pad.
+
+  The input is padded to a fixed length (max_len, default the model's context or 64), so the
+  forward pass compiles once per (model, max_len). Returns the decoded new tokens, stripped.
+  """
+  max_len = max_len or model.max_length or 64
+  bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+  ids = bos + tokenizer.encode(prompt, add_special_tokens=False)
+  if len(ids) + max_new_tokens > max_len:
+    raise ValueError(f"prompt {prompt!r} is {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds "
+                     f"the context of {max_len}")
+  stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+  fwd = _next_token_fn(model, max_len)
+  new = []
+  for _ in range(max_new_tokens):
+    arr = np.zeros((1, max_len), np.int32)
+    arr[0, : len(ids)] = ids
+    mask = (np.arange(max_len) < len(ids)).astype(np.int32)[None]
+    nxt = int(fwd(params, jnp.asarray(arr), jnp.asarray(mask), len(ids) - 1))
+    if nxt in stop:
+      break
+    ids.append(nxt)
+    new.append(nxt)
+  return tokenizer.decode(new).strip()
+
+
+@functools.lru_cache(maxsize=16)
+def _next_token_fn(model: EditableModel, max_len: int):
+  """Jitted (params, ids [1,max_len], mask [1,max_len], pos) -> the argmax token after pos."""
+  del max_len  # part of the cache key: one compiled shape per length
+  return jax.jit(lambda p, ids, mask, pos: jnp.argmax(
+      model.logits(p, {"input_ids": ids, "attention_mask": mask})[0, pos]))

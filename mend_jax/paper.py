@@ -1,11 +1,8 @@
-"""The paper's experiments as configs, and the offline "tiny" stand-ins for their models.
+"""The paper's experiments: official model names and data layout, and offline "tiny" stand-ins.
 
-`get_config(task, model)` builds the config of one experiment of the paper (configs/*.py call it);
-`experiment.prepare` reads it. Hyperparameters follow the official config/config.yaml and
-config/alg/mend.yaml: Adam lr 1e-6 on the editor, initial edit step 1e-4 with its own lr 1e-4,
-rank 1920, c_edit 0.1, c_loc 1, gradient clipping 100, one edit and one locality example per
-micro-batch (batch_size 2), 10 micro-batches per update, validation every 5000 micro-steps on 500
-edits, early stopping after 20000 micro-steps (4 validations) without improvement.
+The configs (`mend_jax/configs/{zsre,fever,wikitext}.py`) read MODELS and DATA; `experiment.prepare`
+builds the tiny stand-ins. Hyperparameters follow the official config/config.yaml and
+config/alg/mend.yaml (see `mend_jax.configs.common.paper_config`).
 
 Tiny mode (`config.tiny = True`, or --config.tiny=True): the pretrained model is replaced by a
 randomly initialised model of the same family with a shrunk Hugging Face config, and the tokenizer
@@ -15,10 +12,10 @@ special tokens and templates. The pipeline then runs on CPU in seconds; the numb
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
-import ml_collections
+import transformers as tf
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 # Official names (config/model/*.yaml). The zsRE BART and FEVER BERT numbers of the paper use the
 # fine-tuned checkpoints of De Cao et al. (data/zsre/QA_model.ckpt, data/fever/FC_model.ckpt, in
@@ -47,53 +44,18 @@ DATA_TASK = {"zsre": "seq2seq", "fever": "binary", "wikitext": "generation"}
 # Official data layout (README: unzip each folder into data/), relative to the working directory.
 DATA = {
     "zsre": dict(train_path="data/zsre/structured_zeroshot-train-new_annotated_final.jsonl",
-                 dev_path="data/zsre/structured_zeroshot-dev-new_annotated_final.jsonl",
+                 test_path="data/zsre/structured_zeroshot-dev-new_annotated_final.jsonl",
                  nq_path="data/nq/validation.json", max_len=32),
-    "fever": dict(train_path="data/fever/fever-train-kilt.jsonl", dev_path="data/fever/fever-dev-kilt.jsonl",
+    "fever": dict(train_path="data/fever/fever-train-kilt.jsonl", test_path="data/fever/fever-dev-kilt.jsonl",
                   max_len=32),
     # Locality texts: OpenWebText (official default, stas/openwebtext-10k: first 90% train, rest
     # validation; one JSON object per line with "text") or, for distilgpt2 (fine-tuned on
     # wikitext), wikitext-103 raw text with the official filter (>= 50 words, ASCII).
     "wikitext": dict(train_path="data/10token/data/self_sample/train.json",
-                     dev_path="data/10token/data/self_sample/valid.json",
+                     test_path="data/10token/data/self_sample/valid.json",
                      loc_train_path="data/openwebtext/train.jsonl", loc_val_path="data/openwebtext/valid.jsonl",
                      min_words=0, max_len=200),
 }
-
-
-def get_config(task: str, model: str) -> ml_collections.ConfigDict:
-  """The config of the paper's experiment `task` ("zsre", "fever", "wikitext") with `model` (a key
-  of MODELS)."""
-  from mend_jax.editor import EditorConfig
-  from mend_jax.train import TrainConfig
-
-  if task not in DATA_TASK:
-    raise ValueError(f"task must be one of {sorted(DATA_TASK)}, got {task!r}")
-  if model not in MODELS:
-    raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
-  m = MODELS[model]
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.task = task
-  c.cache_dir = "cache/paper"
-  c.tiny = False  # True: a tiny random model of the same family and an offline tokenizer
-  c.model = ml_collections.ConfigDict({
-      "name_or_path": m["name"], "tokenizer": m.get("tokenizer", ""), "editable": (), "family": m["family"],
-      "tiny": ml_collections.ConfigDict(dict(m.get("tiny", {}))),  # overrides of the tiny HF config
-  })
-  c.data = ml_collections.ConfigDict(dict(DATA[task]))
-  if model == "distilgpt2":  # official README: data.wiki_webtext=False for this model
-    c.data.update(loc_train_path="data/wikitext/wiki.train.raw", loc_val_path="data/wikitext/wiki.valid.raw",
-                  min_words=50)
-  if model == "bart-base":  # official README: data.zsre_nq=False for BART
-    c.data.nq_path = ""
-  c.editor = ml_collections.ConfigDict(dataclasses.asdict(EditorConfig(rank=1920, edit_lr=1e-4)))
-  c.train = ml_collections.ConfigDict(dataclasses.asdict(TrainConfig(
-      lr=1e-6, lr_lr=1e-4, c_edit=0.1, c_loc=1.0, accumulate=10, grad_clip=100.0, max_steps=1_000_000,
-      n_edits=1, n_loc=1, val_every=5000, n_val=500, patience=4, log_every=100, ckpt_every=5000,
-      kl_positions="answer")))
-  c.eval = ml_collections.ConfigDict({"n_test": -1, "k": 1, "show_edit": False})
-  return c
 
 
 # ---------------------------------------------------------------------------- tiny stand-ins
@@ -105,9 +67,6 @@ def tiny_tokenizer(family: str, texts: Sequence[str], vocab_size: int = 400):
   bart: byte-level BPE, <s> <pad> </s> <unk> <mask> = 0..4, "<s> text </s>";
   t5: Metaspace BPE, <pad> </s> <unk> = 0..2, "text </s>";
   bert: lower-cased WordPiece, [PAD] [UNK] [CLS] [SEP] [MASK] = 0..4, "[CLS] text [SEP]"."""
-  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-  from transformers import PreTrainedTokenizerFast
-
   texts = [t for t in texts if t]
   if family in ("gpt2", "gpt_neo", "gptj", "bart"):
     specials = ["<|endoftext|>"] if family != "bart" else ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -143,15 +102,13 @@ def tiny_tokenizer(family: str, texts: Sequence[str], vocab_size: int = 400):
     kw = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
   else:
     kw = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-  return PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
+  return tf.PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
 
 
 def tiny_hf_config(family: str, tokenizer, max_len: int, overrides=None):
   """A shrunk Hugging Face config of the family's class: width 16, 2 heads, one block (encoder and
   decoder; GPT-Neo two, one global and one local), so the default editable layers are that block's
   MLP matrices. Small, because compilation dominates a tiny run."""
-  import transformers as tf
-
   t = tokenizer
   common = dict(vocab_size=len(t), pad_token_id=t.pad_token_id, bos_token_id=t.bos_token_id,
                 eos_token_id=t.eos_token_id)

@@ -4,12 +4,12 @@ model size.
   python scripts/compare.py [--algs mend,ke,enn,ft,ft_kl] [--workdir runs/compare] [--out docs/compare.md]
                             [--sizes 4x512,6x768,12x768] [--no-train] [--no-sizes] [-- --config.train.max_steps=2000 ...]
 
-1. Quality: for each algorithm, `scripts/train.py --config.alg=ALG` on the offline synthetic
-   benchmark (configs/synthetic_demo.py; the same data, base model, editable layers, training
+1. Quality: for each algorithm, `mend-train --config.alg=ALG` on the offline synthetic
+   benchmark (mend_jax/configs/synthetic.py; the same data, base model, editable layers, training
    budget and objective; per-algorithm settings from the config's `ALG` section and `ALG_TRAIN`
    below), each in its own process, then one table: edit success, locality drawdown, time per
    edit, peak memory of the process (training + evaluation), trained parameters.
-2. Cost against size: `scripts/bench.py` children on random GPT-2s of the given sizes (blocks x
+2. Cost against size: `mend-bench` children (mend_jax.bench) on random GPT-2s of the given sizes (blocks x
    width; the workload of the benchmark), 2 threads: peak memory and time of a training step
    (learned editors) and of an edit, plotted against the number of model parameters
    (compare_sizes.png beside --out), like the paper's Figures 3 and 4.
@@ -22,9 +22,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from scripts import bench  # noqa: E402
+from mend_jax import bench, editors, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Training overrides per algorithm on the synthetic benchmark. ENN trains the base model itself,
@@ -32,19 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALG_TRAIN = {"enn": ["--config.train.lr=1e-5", "--config.train.lr_lr=1e-3"]}
 
 
-def _write_json(path: str, obj) -> None:
-  """Atomic: a temporary file renamed into place, so an interrupted run leaves no half file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 def quality(algs, workdir, extra) -> list:
   rows = []
   for alg in algs:
     wd = os.path.join(workdir, alg)
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--workdir", wd, f"--config.alg={alg}",
+    cmd = [sys.executable, "-m", "mend_jax.cli", "train", "--workdir", wd, f"--config.alg={alg}",
            "--config.eval.show_edit=False", *ALG_TRAIN.get(alg, []), *extra]
     print(f"[{alg}] {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
@@ -134,14 +124,12 @@ def main():
   ap.add_argument("--no-train", action="store_true", help="skip the quality comparison")
   ap.add_argument("--no-sizes", action="store_true", help="skip the cost-against-size measurements")
   args, extra = ap.parse_known_args()
-  from mend_jax import algs as algs_lib
-
   alg_list = [a.strip() for a in args.algs.split(",") if a.strip()]
-  if not alg_list or any(a not in algs_lib.ALGS for a in alg_list):
-    sys.exit(f"error: --algs {args.algs!r}: each must be one of {algs_lib.ALGS}")
+  if not alg_list or any(a not in editors.NAMES for a in alg_list):
+    sys.exit(f"error: --algs {args.algs!r}: each must be one of {editors.NAMES}")
   bad_extra = [e for e in extra if not e.startswith("--config.")]
   if bad_extra:
-    sys.exit(f"error: unknown arguments {bad_extra} (only --config.* overrides are passed to scripts/train.py)")
+    sys.exit(f"error: unknown arguments {bad_extra} (only --config.* overrides are passed to mend-train)")
   try:
     size_list = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",") if s]
     assert all(len(s) == 2 for s in size_list)
@@ -154,12 +142,12 @@ def main():
     text = quality_table(rows)
     print(text)
     parts.append(f"`python scripts/compare.py --algs {args.algs} --no-sizes {' '.join(extra)}`".replace(" `", "`") + "\n\n" + text)
-    _write_json(os.path.join(args.workdir, "quality.json"), rows)
+    report.write_json(os.path.join(args.workdir, "quality.json"), rows)
   if not args.no_sizes:
     rows = sizes(alg_list, size_list, args.reps)
     text = sizes_table(rows)
     print(text)
-    _write_json(os.path.join(args.workdir, "sizes.json"), rows)
+    report.write_json(os.path.join(args.workdir, "sizes.json"), rows)
     fig_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else args.workdir
     fig = plot_sizes(rows, os.path.join(fig_dir, "compare_sizes.png"))
     print("figure:", fig)

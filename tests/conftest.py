@@ -1,4 +1,5 @@
-"""Tiny configs of every supported family, and batch builders, shared by the tests."""
+"""Tiny configs of every supported family, batch builders and a small synthetic setup, shared by
+the tests (which import them with `from conftest import ...`)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,14 @@ import numpy as np
 import pytest
 import transformers as tf
 
-from mend_jax import models
+import jax
+
+from mend_jax import configs, editors, models
+from mend_jax.data.batches import read_positions
+from mend_jax.data.batches import EditData
+from mend_jax.editors import MEND, MENDConfig
+from mend_jax.synthetic import benchmark
+from mend_jax.synthetic.world import WorldConfig
 
 V = 50  # vocabulary of the tiny models
 # Llama/Mistral/Gemma/GPT-Neo/GPT-J build a max_position_embeddings^2 causal mask at setup: keep it small.
@@ -60,14 +68,13 @@ TINY_CONFIGS = {
 FAMILY_NAMES = tuple(TINY_CONFIGS)
 
 
-@functools.lru_cache(maxsize=None)
-def load_config(name: str):
-  """configs/NAME.py's get_config() (the configs directory is not a package)."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(root, "configs", f"{name}.py"))
+def load_config(name: str, variant: str | None = None):
+  """The packaged config `name` (mend_jax/configs/NAME.py) at `variant`, as the command line
+  loads it (a fresh copy each call)."""
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", configs.path(name))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config()
+  return mod.get_config(variant)
 
 
 def tiny_model(name: str, seed: int = 0) -> models.EditableModel:
@@ -109,17 +116,48 @@ def family_model(request):
 def synth_setup(tmp_path_factory):
   """A small synthetic world, its tokenizer, a tiny random GPT-2 for it, the train split as
   EditData and a rank-8 MEND editor."""
-  from mend_jax import data as data_lib
-  from mend_jax import synthetic
-  from mend_jax.editor import EditorConfig
-  from mend_jax.mend import MEND
-
   root = tmp_path_factory.mktemp("synth")
-  paths = synthetic.write_benchmark(root, synthetic.WorldConfig(seed=1, n_subjects=30))
+  paths = benchmark.write_benchmark(root, WorldConfig(seed=1, n_subjects=30))
   tok = tf.AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
   model = models.model_from_config(tf.GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=2,
                                                  n_head=2, bos_token_id=tok.bos_token_id,
                                                  eos_token_id=tok.eos_token_id))
-  recs = synthetic.load_records(paths["train"])
-  data = data_lib.EditData.from_records(recs, tok, 24)
-  return dict(root=root, paths=paths, tok=tok, model=model, data=data, editor=MEND(model, EditorConfig(rank=8)))
+  recs = benchmark.load_records(paths["train"])
+  data = EditData.from_records(recs, tok, 24)
+  return dict(root=root, paths=paths, tok=tok, model=model, data=data, editor=MEND(model, MENDConfig(rank=8)))
+
+
+def with_read(model, batch, kl=None):
+  """(batch, the same batch with read_pos/read_mask): kl is an optional kl_mask to add."""
+  b = {k: np.asarray(v) for k, v in batch.items()}
+  if kl is not None:
+    b["kl_mask"] = kl
+  pos, mask = read_positions(b["labels"], b.get("kl_mask"), seq2seq=model.task == "seq2seq")
+  return {k: jnp.asarray(v) for k, v in b.items()}, {**{k: jnp.asarray(v) for k, v in b.items()},
+                                                     "read_pos": jnp.asarray(pos), "read_mask": jnp.asarray(mask)}
+
+
+# Small settings of every editor for the tiny models (FT: RMSprop, the official optimizer; the
+# seeds of the FT tests are chosen for this lr).
+EDITOR_CFGS = {"mend": {"rank": 4}, "ft": {"lr": 1e-2}, "ft_kl": {"lr": 1e-2, "loc_batch_size": 2}, "enn": {},
+               "ke": {"lstm_hidden": 8, "cond_dim": 12, "cond_hidden": 10}}
+
+
+@functools.lru_cache(maxsize=None)
+def editor_setup(name: str, family: str = "gpt2"):
+  """(editor, state) of editor `name` with EDITOR_CFGS for the tiny model of `family` (one model
+  object per family and editor, so compiled programs are shared); FT+KL gets a pool of 6
+  locality examples."""
+  model = tiny_model(family)
+  ed = editors.make(name, model, EDITOR_CFGS[name])
+  state = ed.init(jax.random.PRNGKey(0), model.params)
+  return ed, ed.with_loc_pool(state, make_batch(model, seed=100, batch=6))
+
+
+def wrong_batch(model, seed=5):
+  """An edit batch the model gets wrong (binary: labels flipped from its prediction)."""
+  batch = make_batch(model, seed=seed)
+  if model.task == "binary":
+    pred = (model.logits(model.params, batch) > 0).astype(jnp.int32)
+    batch = {**batch, "labels": 1 - pred}
+  return batch

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from mend_jax import evaluate as eval_lib
-from mend_jax import losses
-from mend_jax.editor import EditorConfig
-from mend_jax.mend import MEND
+from mend_jax import losses, report
+from mend_jax.editors import MEND, MENDConfig
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +15,7 @@ def strong(synth_setup):
   """An identity editor without normalisation and a large step: a plain SGD step big enough that
   some edits succeed and some locality answers change (so the checks are not vacuous)."""
   m = synth_setup["model"]
-  ed = MEND(m, EditorConfig(rank=4, norm=False, edit_lr=EDIT_LR))
+  ed = MEND(m, MENDConfig(rank=4, norm=False, edit_lr=EDIT_LR))
   return ed, ed.init(jax.random.PRNGKey(0))
 
 
@@ -89,11 +88,38 @@ def test_batched_k_matches_one_joint_edit_per_group(synth_setup, strong):
 def test_k_sweep_table_and_plot(synth_setup, strong, tmp_path):
   m, d = synth_setup["model"], synth_setup["data"]
   ed, state = strong
-  res = eval_lib.evaluate_ks(ed, state, m.params, d, ks=(3, 10 ** 6), n_edits=6, log=lambda s: None)
+  res = eval_lib.evaluate_ks(ed, state, m.params, d, ks=(3, 10 ** 6), n_edits=6)
   assert sorted(res["batched"]) == sorted(res["sequential"]) == [3]  # k > available edits is skipped
-  table = eval_lib.ks_table(res)
+  table = report.ks_table(res)
   assert table.count("\n") == 1 + 2 and "| sequential | 3 | 6 |" in table and "| batched | 3 | 6 |" in table
-  eval_lib.plot_ks(res, str(tmp_path / "k.png"))
+  report.plot_ks(res, str(tmp_path / "k.png"))
   assert (tmp_path / "k.png").stat().st_size > 0
   with pytest.raises(ValueError, match="must be >= 1, got 0"):
     eval_lib.evaluate(ed, state, m.params, d, n_edits=4, k=0)
+
+
+def test_evaluate_matches_a_brute_force_check_when_alpha_is_zero(synth_setup):
+  """With alpha = 0 the edited model is the base model, so each metric must equal a direct
+  argmax check of the base model, and the drawdown must be exactly 0."""
+  ed, m, d = synth_setup["editor"], synth_setup["model"], synth_setup["data"]
+  state = ed.init(jax.random.PRNGKey(0))
+  state = state._replace(params={**state.params, "alpha": jnp.zeros_like(state.params["alpha"])})
+  n = 6
+  res = eval_lib.evaluate(ed, state, m.params, d, n_edits=n, k=1)
+  fwd = jax.jit(lambda b: m.logits(m.params, b))
+
+  def success(view):
+    hits = []
+    for i in range(n):
+      row = {k: v for k, v in view.take([i]).items() if not k.startswith("read_")}  # all positions
+      pred = np.asarray(fwd(row))[0].argmax(-1)
+      lab = row["labels"][0]
+      pos = np.nonzero(lab != -100)[0]
+      hits.append(all(pred[p - 1] == lab[p] for p in pos))
+    return float(np.mean(hits))
+
+  assert res["n_test_edits"] == n
+  assert res["edit_success"] == pytest.approx(success(d.equiv))
+  assert res["reliability"] == pytest.approx(success(d.edit))
+  assert res["locality_acc_pre"] == pytest.approx(success(d.loc))
+  assert res["locality_acc_post"] == res["locality_acc_pre"] and res["locality_drawdown"] == 0.0

@@ -1,13 +1,13 @@
-"""Losses, metrics and batch encoding against references computed another way (float64 loops,
-hand-written expected values)."""
+"""Losses and metrics against references computed another way (float64 loops, hand-written
+expected values), and at read positions against the full forward pass."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mend_jax import data as data_lib
+from conftest import make_batch, tiny_model, with_read
 from mend_jax import losses
-from mend_jax import stats as stats_lib
 
 
 def _log_softmax64(x):
@@ -83,28 +83,26 @@ def test_bernoulli_kl_equals_two_class_categorical_kl():
   np.testing.assert_allclose(float(got), ref, rtol=1e-5)
 
 
-def test_normalize_passes_through_before_two_tokens():
-  x = jnp.asarray(_random(6, 3, 4))
-  one = stats_lib.update(stats_lib.init(4), x[:1], jnp.ones((1,), bool))
-  np.testing.assert_array_equal(np.asarray(stats_lib.normalize(one, x)), np.asarray(x))
+# One family per way of calling the head: tied via apply (gpt2), tied and rescaled (t5), with a
+# final bias (bart), untied (llama).
+@pytest.mark.parametrize("name", ["gpt2", "t5", "bart", "llama"])
+def test_losses_at_read_positions_equal_full(name):
+  model = tiny_model(name)
+  batch = make_batch(model, seed=7, batch=3, length=8, n_labels=3, pad=2)
+  t = batch["labels"].shape[1]
+  kl = np.zeros((3, t), np.int32)
+  kl[:, 1:4] = 1  # KL positions that are not all label positions
+  full_b, read_b = with_read(model, batch, kl)
+  other = jax.tree_util.tree_map(lambda x: x * 1.1, model.params)  # a second model for the KL
+  def metrics(p, q, b):
+    lp, lq = model.logits(p, b), model.logits(q, b)
+    return {"nll": losses.nll(model.task, lp, b), "per_edit": losses.nll_per_edit_sum(model.task, lp, b),
+            "em": losses.exact_match(model.task, lp, b), "kl": losses.locality_kl(model.task, lp, lq, b),
+            "shape": jnp.zeros(lp.shape[:2])}
 
-
-class _WordTok:
-  """A minimal tokenizer with fixed ids, so expected arrays can be written by hand."""
-
-  vocab = {"<eos>": 0, "the": 1, "capital": 2, "of": 3, "x": 4, "is": 5, "paris": 6, "new": 7, "york": 8}
-  bos_token_id = 0
-  pad_token_id = 0
-  eos_token_id = 0
-
-  def encode(self, text, add_special_tokens=False):
-    return [self.vocab[w] for w in text.lower().split()]
-
-
-def test_encode_pairs_by_hand():
-  t = data_lib.encode_pairs(_WordTok(), ["The capital of X is", "X is"], ["Paris", "New York"], 8)
-  np.testing.assert_array_equal(t.input_ids, [[0, 1, 2, 3, 4, 5, 6, 0], [0, 4, 5, 7, 8, 0, 0, 0]])
-  np.testing.assert_array_equal(t.attention_mask, [[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0, 0, 0]])
-  np.testing.assert_array_equal(t.labels, [[-100] * 6 + [6, -100], [-100] * 3 + [7, 8] + [-100] * 3])
-  # The KL reads the positions whose next-token prediction is a target token.
-  np.testing.assert_array_equal(t.kl_mask, [[0, 0, 0, 0, 0, 1, 0, 0], [0, 0, 1, 1, 0, 0, 0, 0]])
+  fn = jax.jit(metrics)
+  a, r = fn(model.params, other, full_b), fn(model.params, other, read_b)
+  assert r["shape"].shape[1] < a["shape"].shape[1]  # fewer positions were projected
+  assert float(a["kl"]) > 0
+  for k in ("nll", "per_edit", "em", "kl"):
+    np.testing.assert_allclose(np.asarray(r[k]), np.asarray(a[k]), rtol=2e-5, atol=1e-7, err_msg=k)

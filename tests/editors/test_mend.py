@@ -1,0 +1,156 @@
+"""MEND's edit: identity init is an SGD step, the official sign, padding, pooled statistics,
+read-position rows, compilation, vmap and k-edit sums."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_batch, tiny_model, with_read
+from mend_jax import capture, losses, tree
+from mend_jax.editors import MEND, MENDConfig
+_flat = tree.flatten
+
+
+def _randomize_net(state, key, scale=0.05):
+  """An editor that is not the identity (as after training), so tests are not vacuous."""
+  leaves, treedef = jax.tree_util.tree_flatten(state.params["net"])
+  keys = jax.random.split(key, len(leaves))
+  net = treedef.unflatten([x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  return state._replace(params={**state.params, "net": net})
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5_gated", "bert"])
+def test_identity_editor_is_one_sgd_step(name):
+  model = tiny_model(name)
+  batch = make_batch(model, seed=4, batch=3, pad=1)
+  ed = MEND(model, MENDConfig(rank=8, norm=False, edit_lr=1.0))
+  state = ed.init(jax.random.PRNGKey(0))
+  new, info = ed.jit_edit(state, model.params, batch)
+  # Reference: one plain SGD step (lr 1) of the editable kernels, via jax.grad, on the sum over
+  # the edits of each edit's own token-mean loss, built here by a loop over one-row batches.
+  def loss(p, b):
+    rows = [{k: v[i:i + 1] for k, v in b.items()} for i in range(b["input_ids"].shape[0])]
+    return sum(losses.nll(model.task, model.logits(p, r), r) for r in rows)
+  grads = _flat(jax.jit(jax.grad(loss))(model.params, batch))
+  before, after = _flat(model.params), _flat(new)
+  assert set(before) == set(after)
+  for path, w in before.items():
+    if path in model.layer_paths:
+      ref = w - grads[path]
+      assert float(jnp.abs(grads[path]).max()) > 0
+      # float32: two ways of computing the gradient differ by rounding, ~1e-6 of its largest entry.
+      np.testing.assert_allclose(after[path], ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(grads[path]).max()))
+    else:
+      np.testing.assert_array_equal(np.asarray(after[path]), np.asarray(w), err_msg=path)
+  np.testing.assert_allclose(info["loss_before"], loss(model.params, batch), rtol=1e-6)
+
+
+def test_official_sign_convention_is_gradient_ascent():
+  model = tiny_model("gpt2")
+  batch = make_batch(model, seed=5)
+  descent = MEND(model, MENDConfig(rank=8, norm=False, edit_lr=1.0))
+  ascent = MEND(model, MENDConfig(rank=8, norm=False, edit_lr=1.0, descent=False))
+  state = descent.init(jax.random.PRNGKey(0))
+  p_d, _ = descent.jit_edit(state, model.params, batch)
+  p_a, _ = ascent.jit_edit(state, model.params, batch)
+  w0 = _flat(model.params)
+  for path in model.layer_paths:
+    np.testing.assert_allclose(_flat(p_a)[path] - w0[path], -(_flat(p_d)[path] - w0[path]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_extra_right_padding_gives_the_same_edit(name):
+  model = tiny_model(name)
+  ed = MEND(model, MENDConfig(rank=8, edit_lr=1e-2))
+  state = _randomize_net(ed.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+  # Non-trivial statistics, gathered from another batch.
+  stats = ed.update_stats(state.aux, jax.jit(lambda p, b: capture.capture(model, p, b))(
+      model.params, make_batch(model, seed=8, batch=4)))
+  state = state._replace(aux=stats)
+  a, _ = ed.jit_edit(state, model.params, make_batch(model, seed=9))
+  b, _ = ed.jit_edit(state, model.params, make_batch(model, seed=9, pad=5))
+  delta_a = {p: _flat(a)[p] - _flat(model.params)[p] for p in model.layer_paths}
+  assert all(float(jnp.abs(d).max()) > 0 for d in delta_a.values())
+  for p in model.layer_paths:
+    np.testing.assert_allclose(_flat(b)[p], _flat(a)[p], rtol=1e-5, atol=1e-6)
+
+
+def test_edit_stats_pool_the_layers_of_one_editor():
+  model = tiny_model("gpt2")
+  ed = MEND(model, MENDConfig(rank=4))
+  assert [g.key for g in ed.groups] == ["16x64", "64x16"]
+  assert [len(g.layer_ids) for g in ed.groups] == [3, 3]
+  batch = make_batch(model, seed=10)
+  cap = jax.jit(lambda p, b: capture.capture(model, p, b))(model.params, batch)
+  st = ed.update_stats(ed.init(jax.random.PRNGKey(0)).aux, cap)
+  masks = ed.masks(cap)
+  n = sum(int(masks[model.layers[i].path].sum()) for i in ed.groups[0].layer_ids)
+  assert float(st["16x64"]["u"].count) == n
+
+
+def test_edit_compiles_once_per_batch_shape():
+  model = tiny_model("gpt2")
+  ed = MEND(model, MENDConfig(rank=8))
+  state = ed.init(jax.random.PRNGKey(0))
+  ed.jit_edit(state, model.params, make_batch(model, seed=11))
+  ed.jit_edit(state, model.params, make_batch(model, seed=12))
+  assert ed.jit_edit._cache_size() == 1
+  ed.jit_edit(state, model.params, make_batch(model, seed=12, length=10))
+  assert ed.jit_edit._cache_size() == 2  # the counter does count a new shape
+
+
+def test_vmap_over_edits_equals_a_loop():
+  model = tiny_model("gpt2")
+  ed = MEND(model, MENDConfig(rank=8, edit_lr=1e-2))
+  state = _randomize_net(ed.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(2))
+  batches = [make_batch(model, seed=20 + i, batch=1) for i in range(3)]
+  stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *batches)
+  vmapped, _ = jax.jit(jax.vmap(ed.edit, in_axes=(None, None, 0)))(state, model.params, stacked)
+  for i, b in enumerate(batches):
+    single, _ = ed.jit_edit(state, model.params, b)
+    for p in model.layer_paths:
+      np.testing.assert_allclose(_flat(vmapped)[p][i], _flat(single)[p], rtol=1e-5, atol=1e-7)
+
+
+def test_batch_of_k_edits_sums_the_single_edit_updates():
+  """The edit loss of k edits is the sum of each edit's token-mean NLL, so each edit's rows are
+  those it has alone; the editor is row-wise, so (without normalisation) the update of k edits at
+  once is exactly the sum of the k single-edit updates, even for a non-identity editor."""
+  model = tiny_model("gpt2")
+  ed = MEND(model, MENDConfig(rank=8, norm=False, edit_lr=1e-2))
+  state = _randomize_net(ed.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(3))
+  b1 = make_batch(model, seed=30, batch=1, n_labels=3)
+  b2 = make_batch(model, seed=31, batch=1, n_labels=2)  # a different number of target tokens
+  both = jax.tree_util.tree_map(lambda x, y: jnp.concatenate([x, y]), b1, b2)
+  w0 = _flat(model.params)
+  d = lambda params: {p: _flat(params)[p] - w0[p] for p in model.layer_paths}
+  d1, d2, d12 = (d(ed.jit_edit(state, model.params, b)[0]) for b in (b1, b2, both))
+  for p in model.layer_paths:
+    assert float(jnp.abs(d1[p]).max()) > 0 and float(jnp.abs(d2[p]).max()) > 0
+    np.testing.assert_allclose(d12[p], d1[p] + d2[p], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_head_local_layers_have_delta_only_at_read_positions(name):
+  """The family knowledge behind MEND's row selection: in the last block's MLP, delta is exactly
+  zero off the read positions; so an edit from the selected rows equals the edit from all rows."""
+  model = tiny_model(name)
+  assert model.head_local_paths
+  full_b, read_b = with_read(model, make_batch(model, seed=9, batch=2, length=8, n_labels=3, pad=1))
+  cap = jax.jit(lambda b: capture.capture(model, model.params, b))(full_b)
+  pos, mask = np.asarray(read_b["read_pos"]), np.asarray(read_b["read_mask"])
+  for p in model.head_local_paths:
+    d = np.asarray(cap.delta[p])
+    off = np.ones(d.shape[:2], bool)
+    for i in range(d.shape[0]):
+      off[i, pos[i][mask[i] == 1]] = False
+    assert np.abs(d[~off]).max() > 0 and np.abs(d[off]).max() == 0, p
+  ed = MEND(model, MENDConfig(rank=4))
+  st = ed.init(jax.random.PRNGKey(0))
+  st = st._replace(aux=jax.jit(lambda b: ed.update_stats(st.aux, ed.capture(model.params, b)))(full_b))
+  net = jax.tree_util.tree_map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), st.params["net"])
+  st = st._replace(params={**st.params, "net": net})
+  a, r = ed.jit_edit(st, model.params, full_b)[0], ed.jit_edit(st, model.params, read_b)[0]
+  chex.assert_trees_all_close(r, a, rtol=1e-5, atol=1e-7)
