@@ -48,13 +48,14 @@ class Editor(abc.ABC):
   Attributes:
     name: registry name ("mend", "ft", "ft_kl", "enn", "ke").
     model: the EditableModel whose `layers` the editor edits.
-    cfg: the editor's frozen config dataclass.
+    cfg: the editor's frozen config dataclass (an instance of `config_class`).
     learned: whether `fit` trains it (False for FT, FT+KL: nothing to train).
     needs_loc_pool: whether an edit samples locality data, given by `with_loc_pool` (FT+KL).
     static_edit_args: keyword arguments of `edit` that are static under jit.
   """
 
   name: str = ""
+  config_class: type = object
   learned: bool = True
   needs_loc_pool: bool = False
   static_edit_args: tuple[str, ...] = ()
@@ -62,6 +63,8 @@ class Editor(abc.ABC):
   def __init__(self, model: EditableModel, cfg: Any):
     if not isinstance(model, EditableModel):
       raise TypeError(f"{type(self).__name__} needs an EditableModel, got {type(model).__name__}")
+    if not isinstance(cfg, self.config_class):
+      raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
     self.model = model
     self.cfg = cfg
 

@@ -65,11 +65,10 @@ class ENN(Editor):
   """
 
   name = "enn"
+  config_class = ENNConfig
   learned = True
 
   def __init__(self, model: EditableModel, cfg: ENNConfig = ENNConfig()):
-    if not isinstance(cfg, ENNConfig):
-      raise TypeError(f"ENN needs an ENNConfig, got {type(cfg).__name__}")
     super().__init__(model, cfg)
 
   def init(self, rng: jax.Array, base_params) -> EditorState:

@@ -105,11 +105,10 @@ class FT(Editor):
     # FT+KL: state = ftkl.init(rng, params, loc_pool=pool)   (pool: a batch dict, leading dim N)
   """
 
+  config_class = FTConfig  # or its subclass FTKLConfig
   learned = False
 
   def __init__(self, model: EditableModel, cfg: FTConfig = FTConfig()):
-    if not isinstance(cfg, FTConfig):
-      raise TypeError(f"FT needs an FTConfig or FTKLConfig, got {type(cfg).__name__}")
     super().__init__(model, cfg)
     self.kl = isinstance(cfg, FTKLConfig)
     self.needs_loc_pool = self.kl

@@ -210,11 +210,10 @@ class KE(Editor):
   """
 
   name = "ke"
+  config_class = KEConfig
   learned = True
 
   def __init__(self, model: EditableModel, cfg: KEConfig = KEConfig()):
-    if not isinstance(cfg, KEConfig):
-      raise TypeError(f"KE needs a KEConfig, got {type(cfg).__name__}")
     super().__init__(model, cfg)
 
   def _net(self, embed_dim: int) -> KENet:

@@ -57,12 +57,11 @@ class MEND(Editor):
   """
 
   name = "mend"
+  config_class = MENDConfig
   learned = True
   static_edit_args = ("diagnostics",)
 
   def __init__(self, model: EditableModel, cfg: MENDConfig = MENDConfig()):
-    if not isinstance(cfg, MENDConfig):
-      raise TypeError(f"MEND needs a MENDConfig, got {type(cfg).__name__}")
     super().__init__(model, cfg)
     self.groups = make_groups(model, cfg.shared)
     self.nets = {g.key: MENDNet(cfg, n_modes=len(g.layer_ids)) for g in self.groups}
