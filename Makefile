@@ -19,10 +19,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mend-train --workdir runs/demo
 
-# Two workers (pytest-xdist) sharing one compilation cache (tests/conftest.py): the suite is CPU-bound
+# Two workers (pytest-xdist; tests marked with one xdist_group run on one worker) sharing one compilation
+# cache (tests/conftest.py): the suite is CPU-bound
 # tracing and compiling, so this halves its wall time on a 2-core machine.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 bench: $(STAMP)
 	$(BIN)/mend-bench

@@ -7,29 +7,44 @@ coincide). Every checkpoint has three items:
   editor: the EditorState (trained params and carried aux, e.g. MEND's normalisation statistics
           with their counts): what `load_editor` restores;
   train:  the rest of the TrainState (step, optimizer state, skipped-step count);
-  meta:   JSON: the experiment config, the editor's name and config, the model family and its
-          editable layers with their shapes (checked on restore), and loop bookkeeping.
+  meta:   strict JSON: the experiment config, the fingerprint (the editor's name and config, the
+          model family, its editable layers with their shapes, and the base model's identity: a
+          hash of its config and a checksum of its weights), loop bookkeeping, and a SHA-256 of
+          every array of the two other items, checked on restore.
 A checkpoint is saved once per step, with its validation loss when it has one. Orbax writes each
 step to a temporary directory and renames it when complete, so a run killed mid-save leaves the
-previous checkpoints intact.
+previous checkpoints intact; leftovers of such a kill (temporary directories, a checkpoint the
+policy no longer keeps) are removed when the work directory is opened for training.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import logging
 import os
+import signal
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
-from mend_jax import editors, models
+from mend_jax import editors, report, tree
 from mend_jax.editors.base import Editor, EditorState
 from mend_jax.models import EditableModel
 
-FINGERPRINT_KEYS = ("alg", "family", "layers", "editor_config")
+FINGERPRINT_KEYS = ("alg", "family", "layers", "editor_config", "model")
+# Keys of a Hugging Face config that say nothing about the computation (names, versions, output
+# switches); the rest of the config is part of a model's identity.
+_CONFIG_NOISE = frozenset({"_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype",
+                           "_commit_hash", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
+                           "_attn_implementation_autoset", "_attn_implementation_internal"})
 
 
 class _QuietUntracked(logging.Filter):
@@ -43,25 +58,77 @@ class _QuietUntracked(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietUntracked())
 
 
-def fingerprint(editor: Editor) -> dict:
-  """What a checkpoint must agree on with the run or model that uses it: the editor's name and
-  config, the model family, and the editable layers with their shapes."""
+class CheckpointMismatch(ValueError):
+  """A checkpoint made for another editor, model or set of editable layers."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read: missing, truncated or corrupt files, or arrays whose
+  checksums do not match."""
+
+
+def crash_point(name: str, step: int | None = None) -> None:
+  """Fault injection for the crash test: SIGKILLs this process when the environment variable
+  MEND_JAX_KILL_AT is `name` or `name@step`. Points: compile, step, save, validate,
+  after_val_save (train.py, this module), before_eval (experiment.py)."""
+  want = os.environ.get("MEND_JAX_KILL_AT")
+  if want and want in (name, f"{name}@{step}"):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------- identity and checksums
+@functools.lru_cache(maxsize=64)
+def _sampler(shape: tuple[int, ...], dtype, stride: int):
+  return jax.jit(lambda x: x.reshape(-1)[::stride][:1024].astype(jnp.float32))
+
+
+def model_identity(model: EditableModel, params) -> dict:
+  """A cheap identity of a base model: {"name", "config" (hash of its Hugging Face config),
+  "weights" (hash of up to 1024 evenly spaced values of every leaf, with its path and shape)}.
+  Two models agree when config and weights do ("name" is for messages)."""
+  cfg = {k: v for k, v in model.config.to_dict().items() if k not in _CONFIG_NOISE}
+  h = hashlib.sha256()
+  for path, x in sorted(tree.flatten(params).items()):
+    n = int(np.prod(x.shape)) if x.shape else 1
+    sample = np.asarray(_sampler(tuple(x.shape), jnp.dtype(x.dtype), max(1, n // 1024))(jnp.asarray(x)))
+    h.update(f"{path}:{tuple(x.shape)}".encode())
+    h.update(sample.tobytes())
+  return {"name": str(getattr(model.config, "_name_or_path", "") or model.family.name),
+          "config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
+          "weights": h.hexdigest()[:16]}
+
+
+def fingerprint(editor: Editor, base_params=None) -> dict:
+  """What a checkpoint must agree on with the run that resumes it: the editor's name and config,
+  the model family, the editable layers with their shapes, and the base model's identity
+  (`model_identity` of base_params, default the model's own parameters)."""
   m = editor.model
   return {
       "alg": editor.name,
       "family": m.family.name,
       "layers": [[l.path, l.d_in, l.d_out] for l in m.layers],
       "editor_config": dataclasses.asdict(editor.cfg),
+      "model": model_identity(m, m.params if base_params is None else base_params),
   }
 
 
-class CheckpointMismatch(ValueError):
-  """A checkpoint made for another editor, model or set of editable layers."""
+def _same(key: str, a, b) -> bool:
+  if key == "model":  # the name is for messages
+    return isinstance(a, Mapping) and isinstance(b, Mapping) and all(a.get(k) == b.get(k) for k in ("config", "weights"))
+  return a == b
 
 
-def check_fingerprint(meta: Mapping, editor: Editor, where: str) -> None:
-  """Raises CheckpointMismatch when the checkpoint's model family or layers differ from editor's."""
-  want = fingerprint(editor)
+def _describe(key: str, value) -> str:
+  if key == "model" and isinstance(value, Mapping):
+    return f"{value.get('name')!r} (config {value.get('config')}, weights {value.get('weights')})"
+  return repr(value)
+
+
+def check_fingerprint(meta: Mapping, editor: Editor, where: str, base_params=None) -> None:
+  """For using a checkpoint on a model: raises CheckpointMismatch when the model family or the
+  editable layers differ; warns when the base model itself differs (applying an editor to a
+  related model can be deliberate)."""
+  want = fingerprint(editor, base_params)
   if meta.get("family") != want["family"]:
     raise CheckpointMismatch(
         f"checkpoint {where} was made for a {meta.get('family')!r} model, not {want['family']!r}")
@@ -70,30 +137,80 @@ def check_fingerprint(meta: Mapping, editor: Editor, where: str) -> None:
     raise CheckpointMismatch(
         f"checkpoint {where} edits layers {[(p, a, b) for p, a, b in got_layers]}, but this model's "
         f"editable layers are {[tuple(x) for x in want['layers']]}")
+  if "model" in meta and not _same("model", meta["model"], want["model"]):
+    absl_logging.warning("checkpoint %s was trained on model %s; applying it to model %s", where,
+                         _describe("model", meta["model"]), _describe("model", want["model"]))
 
 
+def digest(tree_: Any) -> str:
+  """SHA-256 of every array of a pytree (bytes, shapes, dtypes and structure)."""
+  h = hashlib.sha256()
+  leaves, treedef = jax.tree_util.tree_flatten(tree_)
+  h.update(str(treedef).encode())
+  for x in jax.device_get(leaves):
+    a = np.asarray(x)
+    h.update(f"{a.shape}{a.dtype}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- the manager
 def _manager(workdir: str, create: bool) -> ocp.CheckpointManager:
   policy = ocp_managers.AnyPreservationPolicy([
       ocp_managers.LatestN(n=1),
       ocp_managers.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
                          keep_checkpoints_without_metrics=False),
   ])
-  opts = ocp.CheckpointManagerOptions(create=create, preservation_policy=policy,
-                                      best_fn=lambda m: m["val_loss"], best_mode="min")
+  opts = ocp.CheckpointManagerOptions(create=create, preservation_policy=policy, best_fn=lambda m: m["val_loss"],
+                                      best_mode="min", cleanup_tmp_directories=create)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=opts)
 
 
-def _abstract(tree):
-  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+def _abstract(tree_):
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree_)
+
+
+def _best_step(mngr: ocp.CheckpointManager) -> int | None:
+  """The step with the lowest validation loss, or None if no checkpoint has one."""
+  scored = [(m["val_loss"], s) for s in mngr.all_steps() if (m := mngr.metrics(s)) and m.get("val_loss") is not None]
+  return min(scored)[1] if scored else None
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, where: str, **items):
+  """mngr.restore of the given items of `step`, with any failure as one CheckpointError line."""
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types; each means an unreadable file
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    raise CheckpointError(f"checkpoint {where} (step {step}) cannot be read: {type(e).__name__}: {first}") from None
+
+
+def _verify(meta: Mapping, item: str, restored: Any, where: str, step: int) -> None:
+  want = (meta.get("checksums") or {}).get(item)
+  if want is None:
+    raise CheckpointError(f"checkpoint {where} (step {step}) has no checksum for its {item!r} item")
+  if digest(restored) != want:
+    raise CheckpointError(f"checkpoint {where} (step {step}): the {item!r} arrays do not match their checksum "
+                          "(the files were changed or damaged)")
 
 
 class Checkpoints:
-  """The checkpoints of one work directory (module docstring)."""
+  """The checkpoints of one work directory, opened for training (module docstring)."""
 
   def __init__(self, workdir: str, meta: Mapping):
     self.workdir = workdir
+    self.where = os.path.join(workdir, "checkpoints")
     self.meta = dict(meta)
     self.mngr = _manager(workdir, create=True)
+    self._prune()
+
+  def _prune(self) -> None:
+    """Deletes checkpoints the policy does not keep (left by a kill between a save and Orbax's
+    clean-up): everything but the latest and the best."""
+    keep = {self.mngr.latest_step(), _best_step(self.mngr)}
+    for step in self.mngr.all_steps():
+      if step not in keep:
+        self.mngr.delete(step)
 
   def latest_step(self) -> int | None:
     return self.mngr.latest_step()
@@ -106,55 +223,88 @@ class Checkpoints:
       editor_state: the editor's EditorState.
       train_state: a pytree of the rest a resumed run needs (optimizer state, counters).
       extra: JSON-able bookkeeping stored in meta next to the run's own metadata.
-      val_loss: the validation loss at this step, if validated (it then competes for best).
+      val_loss: the validation loss at this step, if validated (it then competes for best; a
+        non-finite loss never does).
     """
     step = int(step)
     if step in self.mngr.all_steps():
       return
-    meta = {**self.meta, **dict(extra or {}), "step": step}
+    meta = {**self.meta, **dict(extra or {}), "step": step,
+            "checksums": {"editor": digest(editor_state), "train": digest(train_state)}}
+    metrics = None if val_loss is None or not np.isfinite(val_loss) else {"val_loss": float(val_loss)}
     self.mngr.save(step, args=ocp.args.Composite(
         editor=ocp.args.StandardSave(editor_state),
         train=ocp.args.StandardSave(train_state),
-        meta=ocp.args.JsonSave(meta)), metrics=None if val_loss is None else {"val_loss": float(val_loss)})
+        meta=ocp.args.JsonSave(report.json_safe(meta))), metrics=metrics)
+    crash_point("save", step)
     self.mngr.wait_until_finished()
 
   def restore(self, editor_shapes: EditorState, train_shapes: Any) -> tuple[EditorState, Any, dict]:
     """(editor state, train state, meta) of the latest checkpoint, restored into the given
-    abstract trees (shapes and dtypes, e.g. from jax.eval_shape). Raises CheckpointMismatch if the
-    checkpoint was made by another editor, model or layer set."""
+    abstract trees (shapes and dtypes, e.g. from jax.eval_shape) and checked against their
+    checksums. Raises CheckpointMismatch if the checkpoint was made by another editor, model or
+    layer set (nothing is written then), CheckpointError if it cannot be read."""
     step = self.mngr.latest_step()
-    meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    for key in FINGERPRINT_KEYS:
-      if meta.get(key) != self.meta.get(key):
-        raise CheckpointMismatch(
-            f"work directory {self.workdir!r} holds a checkpoint whose {key} is {meta.get(key)!r}, but this "
-            f"run's is {self.meta.get(key)!r}; use another --workdir or the same config")
-    out = self.mngr.restore(step, args=ocp.args.Composite(
-        editor=ocp.args.StandardRestore(_abstract(editor_shapes)),
-        train=ocp.args.StandardRestore(_abstract(train_shapes))))
-    return EditorState(*out["editor"]), out["train"], meta
+    meta = _restore(self.mngr, step, self.where, meta=ocp.args.JsonRestore())["meta"]
+    check_run(meta, self.meta, self.workdir)
+    out = _restore(self.mngr, step, self.where, editor=ocp.args.StandardRestore(_abstract(editor_shapes)),
+                   train=ocp.args.StandardRestore(_abstract(train_shapes)))
+    editor_state = EditorState(*out["editor"])
+    _verify(meta, "editor", editor_state, self.where, step)
+    _verify(meta, "train", out["train"], self.where, step)
+    return editor_state, out["train"], meta
 
   def close(self) -> None:
     self.mngr.close()
 
 
+def check_run(stored: Mapping, run: Mapping, workdir: str) -> None:
+  """Raises CheckpointMismatch, naming the first difference, when a work directory's checkpoint
+  (its meta `stored`) was made by a run whose fingerprint differs from `run`'s."""
+  for key in FINGERPRINT_KEYS:
+    if not _same(key, stored.get(key), run.get(key)):
+      raise CheckpointMismatch(
+          f"work directory {workdir!r} holds a checkpoint whose {key} is {_describe(key, stored.get(key))}, but "
+          f"this run's is {_describe(key, run.get(key))}; use another --workdir (nothing was written)")
+
+
+def check_workdir(workdir: str, run_fingerprint: Mapping | None = None) -> None:
+  """Before a run writes anything: `workdir` must be a directory (or not exist yet), and any
+  checkpoint in it must come from a run with the same fingerprint (else CheckpointMismatch; no
+  fingerprint given: only the path is checked)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir!r} is a file; expected a directory (or a new path)")
+  if run_fingerprint is None or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return
+  mngr = _manager(workdir, create=False)
+  step = mngr.latest_step()
+  if step is not None:
+    meta = _restore(mngr, step, os.path.join(workdir, "checkpoints"), meta=ocp.args.JsonRestore())["meta"]
+    check_run(meta, run_fingerprint, workdir)
+  mngr.close()
+
+
+# ---------------------------------------------------------------------------- using a saved editor
 def _checkpoint_step(path: str) -> tuple[ocp.CheckpointManager, int]:
   """The manager of work directory `path` and the step `load_editor` uses: the best checkpoint by
-  validation loss, else the latest."""
+  validation loss, else the latest (with a warning for a learned editor: it was never validated)."""
   if not os.path.isdir(os.path.join(path, "checkpoints")):
     raise FileNotFoundError(f"no checkpoint at {path!r} (expected a work directory holding checkpoints/)")
   mngr = _manager(path, create=False)
-  step = mngr.best_step()
-  step = mngr.latest_step() if step is None else step
+  step = _best_step(mngr)
   if step is None:
-    raise FileNotFoundError(f"no checkpoint at {path!r}: {os.path.join(path, 'checkpoints')} is empty")
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint at {path!r}: {os.path.join(path, 'checkpoints')} is empty")
+    if step > 0:
+      absl_logging.warning("work directory %s has no validated checkpoint; using the latest (step %d)", path, step)
   return mngr, step
 
 
 def read_meta(path: str) -> dict:
   """The JSON metadata of the checkpoint `load_editor(path, ...)` would restore."""
   mngr, step = _checkpoint_step(path)
-  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  return _restore(mngr, step, os.path.join(path, "checkpoints"), meta=ocp.args.JsonRestore())["meta"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,37 +319,42 @@ class LoadedEditor:
   state: EditorState
   meta: dict
 
-  def edit(self, params, batch: Mapping[str, Any], **static):
-    """Checks the batch on the host (clear errors), then runs the jitted edit.
-    Returns (new_params, info)."""
-    models.check_batch(self.editor.model, batch)
-    return editors.jit_edit(self.editor, from_base=True)(self.state, params, batch, **static)
+  def edit(self, params, batch: Mapping[str, Any], check: bool = True, **static):
+    """The jitted edit from `params` (the base model), with the batch checked on the host first
+    (`Editor.edit`). Returns (new_params, info)."""
+    return editors.jit_edit(self.editor, from_base=True)(self.state, params, batch, check=check, **static)
 
   def with_loc_pool(self, loc_pool: Mapping[str, Any]) -> "LoadedEditor":
     """A copy whose state carries a locality pool (FT+KL samples from it; others ignore it)."""
     return dataclasses.replace(self, state=self.editor.with_loc_pool(self.state, loc_pool))
 
 
-def load_editor(path: str, model: EditableModel) -> LoadedEditor:
+def load_editor(path: str, model: EditableModel, params=None) -> LoadedEditor:
   """Restores the editor saved in work directory `path` (its best checkpoint, else its latest)
-  for `model`. Raises CheckpointMismatch if the checkpoint was made for another model family or
-  other editable layers, FileNotFoundError if there is none."""
+  for `model` (whose parameters are `params`, default model.params), verifying its checksums.
+  Raises CheckpointMismatch if the checkpoint was made for another model family or other editable
+  layers (and warns if for another base model), CheckpointError if it cannot be read,
+  FileNotFoundError if there is none."""
   mngr, step = _checkpoint_step(path)
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  where = os.path.join(path, "checkpoints")
+  meta = _restore(mngr, step, where, meta=ocp.args.JsonRestore())["meta"]
   editor = editors.make(meta.get("alg", "mend"), model, meta["editor_config"])
-  check_fingerprint(meta, editor, repr(path))
-  abstract = jax.eval_shape(editor.init, jax.random.PRNGKey(0), model.params)
-  restored = mngr.restore(step, args=ocp.args.Composite(editor=ocp.args.StandardRestore(_abstract(abstract))))
+  check_fingerprint(meta, editor, repr(path), params)
+  abstract = jax.eval_shape(editor.init, jax.random.PRNGKey(0), model.params if params is None else params)
+  state = EditorState(*_restore(mngr, step, where, editor=ocp.args.StandardRestore(_abstract(abstract)))["editor"])
+  _verify(meta, "editor", state, where, step)
   mngr.close()
-  return LoadedEditor(editor, EditorState(*restored["editor"]), meta)
+  return LoadedEditor(editor, state, meta)
 
 
 def save_untrained(editor: Editor, base_params, workdir: str, seed: int, meta: Mapping) -> dict:
   """For editors with nothing to train (FT, FT+KL): saves their initial state as the work
   directory's checkpoint (step 0), so evaluation, scripts and `load_editor` treat every editor
   alike. Returns a training summary with zero steps."""
+  run = {**dict(meta), **fingerprint(editor, base_params)}
+  check_workdir(workdir, run)
   state = jax.jit(editor.init)(jax.random.PRNGKey(seed), base_params)
-  mngr = Checkpoints(workdir, {**dict(meta), **fingerprint(editor)})
-  mngr.save(0, state, {"step": jax.numpy.zeros((), jax.numpy.int32)})
+  mngr = Checkpoints(workdir, run)
+  mngr.save(0, state, {"step": jnp.zeros((), jnp.int32)})
   mngr.close()
   return {"steps": 0, "best_val_loss": None, "stopped_early": False, "n_skipped": 0, "train_time_s": 0.0}

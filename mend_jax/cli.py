@@ -25,7 +25,6 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from mend_jax import bench, checkpoint, configs, editors, experiment, report
-from mend_jax.checkpoint import CheckpointMismatch
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,7 +59,7 @@ def _run(fn: Callable[[], object]) -> object:
   """Runs fn(); user errors end with one clear line and exit status 2."""
   try:
     return fn()
-  except (ValueError, FileNotFoundError, KeyError, TypeError, CheckpointMismatch) as e:
+  except (ValueError, KeyError, TypeError, OSError) as e:  # OSError: missing, unwritable or misplaced files
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -238,6 +237,10 @@ def evaluate(argv: list[str] | None = None) -> None:
     _setup_logging()
 
     def run():
+      if k.value < 1:
+        raise ValueError(f"--k must be >= 1 (edits applied at once), got {k.value}")
+      if n.value == 0 or n.value < -1:
+        raise ValueError(f"--n must be -1 (the whole split) or >= 1, got {n.value}")
       config = _stored_config(workdir.value)
       config.eval.n_test = n.value
       if ks.value:

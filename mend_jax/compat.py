@@ -4,11 +4,15 @@ Flax T5 (and LongT5) in transformers 4.x call ``jnp.clip(x, a_max=...)``; JAX 0.
 ``a_min``/``a_max`` keywords, so those models fail at their first forward pass. We swap the ``jnp``
 name inside those two modules only for a thin proxy whose ``clip`` accepts the old keywords. Nothing
 else in JAX or transformers is touched.
+
+transformers 4.x also warns, at the first Flax model, that its Flax classes will be removed in v5;
+this project pins transformers<5 for exactly those classes, so that one message is filtered out.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import types
 
 import jax.numpy as jnp
@@ -38,8 +42,17 @@ _PATCHED_MODULES = (
 )
 
 
+class _NoFlaxDeprecation(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "TensorFlow and JAX classes are deprecated" not in record.getMessage()
+
+
 def patch_transformers_flax() -> None:
-  """Idempotently applies the T5 ``jnp.clip`` fix (a no-op if the modules cannot be imported)."""
+  """Idempotently applies the T5 ``jnp.clip`` fix (a no-op if the modules cannot be imported) and
+  filters the Flax deprecation message."""
+  log = logging.getLogger("transformers.modeling_flax_utils")
+  if not any(isinstance(f, _NoFlaxDeprecation) for f in log.filters):
+    log.addFilter(_NoFlaxDeprecation())
   for name in _PATCHED_MODULES:
     try:
       module = importlib.import_module(name)

@@ -196,18 +196,22 @@ def train_and_evaluate(config, workdir: str, progress: Callable | None = None) -
   progress(step, total, row): called during pretraining and training (the command line's bar).
   """
   t0 = time.time()
+  ckpt_lib.check_workdir(workdir)
   tcfg = build_config(train_lib.TrainConfig, config.train, "train")
   task = prepare(config, progress=progress)
   editor = make_editor(config, task.model)
+  meta = {"config": _plain(config)}
+  # A directory of another run (editor, model, layers) is refused before anything is written.
+  ckpt_lib.check_workdir(workdir, {**meta, **ckpt_lib.fingerprint(editor, task.model.params)})
   logging.info("base model: %s, editing %d layers %s; %s parameters: %s", task.model.family.name,
                len(task.model.layers), list(task.model.layer_paths), editor.name,
                f"{num_params(editor, task.model.params):,}")
-  meta = {"config": _plain(config)}
   if editor.learned:
     _, summary = train_lib.fit(editor, tcfg, task.model.params, task.train, task.val, workdir,
                                seed=int(config.seed), meta=meta, progress=progress)
   else:
     summary = ckpt_lib.save_untrained(editor, task.model.params, workdir, int(config.seed), meta)
+  ckpt_lib.crash_point("before_eval")
   results = evaluate_workdir(config, workdir, task=task)
   results.update(summary)
   results["editor_params"] = num_params(editor, task.model.params)
@@ -235,7 +239,7 @@ def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str 
   data = getattr(task, split)
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
   res = eval_lib.evaluate(loaded.editor, loaded.state, task.model.params, data, n_edits=n,
-                          k=int(k or config.eval.k))
+                          k=int(config.eval.k if k is None else k))
   res["alg"] = loaded.editor.name
   res["split"] = split
   res["checkpoint_step"] = int(loaded.meta.get("step", -1))

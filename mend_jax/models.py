@@ -354,24 +354,92 @@ BATCH_KEYS = {"causal_lm": ("input_ids", "attention_mask", "labels"),
               "binary": ("input_ids", "attention_mask", "labels")}
 
 
-def check_batch(model: EditableModel, batch: Mapping[str, Any]) -> None:
-  """Clear errors for a malformed edit batch, on the host, before anything reaches JAX.
+def _is_traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
 
-  Checks the keys the model's task needs (`BATCH_KEYS`), input_ids [batch, time], a length within
-  the model's context and, for sequence tasks, at least one scored label.
+
+def check_batch(model: EditableModel, batch: Mapping[str, Any]) -> None:
+  """Clear errors for a malformed edit batch, before anything reaches JAX.
+
+  Checks, naming the key and what was expected: the keys the model's task needs (`BATCH_KEYS`);
+  ranks and shapes (input_ids [B, T]; attention_mask like it; labels [B, T] for a causal LM, [B]
+  for a classifier; the decoder arrays of a seq2seq model [B, T_dec] with labels like them;
+  read_pos/read_mask [B, P]); one batch size B >= 1 for every key; integer dtypes; T within the
+  model's context. On concrete (not traced) arrays also the values: token ids inside the
+  vocabulary, labels a token id or -100 (classifier: 0 or 1), and at least one scored label per
+  edit. Under jit or vmap only the static checks run.
   """
+  if not isinstance(batch, Mapping):
+    raise TypeError(f"an edit batch is a dict of arrays {BATCH_KEYS[model.task]}, got {type(batch).__name__}")
   need = BATCH_KEYS[model.task]
   missing = [k for k in need if k not in batch]
   if missing:
     raise ValueError(f"batch for a {model.task} model is missing {missing}; it has {sorted(batch)}")
-  ids = batch["input_ids"]
-  if getattr(ids, "ndim", 0) != 2:
-    raise ValueError(f"batch['input_ids'] must be [batch, time], got shape {getattr(ids, 'shape', None)}")
+  shape = {k: tuple(np.shape(v)) for k, v in batch.items()}
+  ids_shape = shape["input_ids"]
+  if len(ids_shape) != 2 or ids_shape[0] < 1:
+    raise ValueError(f"batch['input_ids'] must be [batch, time] with batch >= 1, got shape {ids_shape}")
+  b, t = ids_shape
+  dec = shape.get("decoder_input_ids")
+  expect = {"input_ids": (b, t), "attention_mask": (b, t)}
+  if model.task == "seq2seq":
+    if len(dec) != 2 or dec[0] != b:
+      raise ValueError(f"batch['decoder_input_ids'] must be [batch={b}, decoder time], got shape {dec}")
+    expect.update(decoder_attention_mask=dec, labels=dec)
+  else:
+    expect["labels"] = (b,) if model.task == "binary" else (b, t)
+  if "kl_mask" in batch:
+    expect["kl_mask"] = expect["labels"]
+  if "read_pos" in batch or "read_mask" in batch:
+    p = shape.get("read_pos", shape.get("read_mask"))
+    if len(p) != 2 or p[0] != b:
+      raise ValueError(f"batch['read_pos'] must be [batch={b}, positions], got shape {p}")
+    expect.update(read_pos=p, read_mask=p)
+  for k, want in expect.items():
+    if shape.get(k) != want:
+      raise ValueError(f"batch[{k!r}] has shape {shape.get(k)}; expected {want} (input_ids is {ids_shape}: "
+                       "every key needs the same batch size)")
+  for k in expect:
+    dtype = np.dtype(batch[k].dtype) if hasattr(batch[k], "dtype") else np.asarray(batch[k]).dtype
+    if not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
+      raise ValueError(f"batch[{k!r}] has dtype {dtype}; expected integers (token ids, masks, labels)")
   limit = model.max_length
-  if limit is not None and ids.shape[1] > limit:
-    raise ValueError(f"batch['input_ids'] has {ids.shape[1]} tokens, longer than the model's context of {limit}")
-  if model.task != "binary" and not np.any(np.asarray(batch["labels"]) != -100):
-    raise ValueError("batch['labels'] has no scored token (all -100): the edit target is empty")
+  for k in ("input_ids", "decoder_input_ids"):
+    if k in batch and limit is not None and shape[k][1] > limit:
+      raise ValueError(f"batch[{k!r}] has {shape[k][1]} tokens, longer than the model's context of {limit}")
+  if any(_is_traced(batch[k]) for k in expect):
+    return
+  vocab = int(model.config.vocab_size)
+  for k in ("input_ids", "decoder_input_ids"):
+    if k in batch:
+      ids = np.asarray(batch[k])
+      bad = np.argwhere((ids < 0) | (ids >= vocab))
+      if len(bad):
+        r, c = (int(x) for x in bad[0])
+        raise ValueError(f"batch[{k!r}][{r}, {c}] = {int(ids[r, c])} is not a token id of this model "
+                         f"(vocabulary of {vocab})")
+  labels = np.asarray(batch["labels"])
+  if model.task == "binary":
+    bad = np.argwhere((labels != 0) & (labels != 1))
+    if len(bad):
+      raise ValueError(f"batch['labels'][{int(bad[0][0])}] = {int(labels[bad[0][0]])}; expected 0 or 1")
+    return
+  bad = np.argwhere(((labels < 0) | (labels >= vocab)) & (labels != -100))
+  if len(bad):
+    r, c = (int(x) for x in bad[0])
+    raise ValueError(f"batch['labels'][{r}, {c}] = {int(labels[r, c])}; expected a token id below {vocab} or -100")
+  empty = np.flatnonzero(~np.any(labels != -100, axis=1))
+  if len(empty):
+    raise ValueError(f"batch['labels'] row {int(empty[0])} has no scored token (all -100): the edit target is empty")
+
+
+def check_finite_params(params, paths: Sequence[str] | None = None) -> None:
+  """Raises ValueError naming the first parameter (of `paths`, default all) holding NaN or inf."""
+  flat = tree.flatten(params)
+  for p in (paths if paths is not None else sorted(flat)):
+    x = flat[p]
+    if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(x))):
+      raise ValueError(f"the model's parameter {p!r} holds NaN or inf values; nothing was edited")
 
 
 # ---------------------------------------------------------------------------- greedy decoding

@@ -8,9 +8,12 @@ leaves half a file. Plots are written the same way.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+import numpy as np
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> str:
@@ -32,15 +35,50 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> str:
   return path
 
 
+def json_safe(obj: Any) -> Any:
+  """`obj` with what strict JSON cannot hold made plain: non-finite floats become None (null),
+  numpy scalars and arrays Python numbers and lists, tuples lists."""
+  if isinstance(obj, Mapping):
+    return {str(k): json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, np.ndarray) or (hasattr(obj, "shape") and hasattr(obj, "dtype") and not isinstance(obj, str)):
+    return json_safe(np.asarray(obj).tolist())
+  if isinstance(obj, (bool, np.bool_)):
+    return bool(obj)
+  if isinstance(obj, (int, np.integer)):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if math.isfinite(float(obj)) else None
+  return obj
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+  """Strict JSON text of `obj` (json_safe first; sorted keys)."""
+  return json.dumps(json_safe(obj), indent=indent, sort_keys=True, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> str:
-  """`obj` as JSON (sorted keys) at `path`, atomically. Returns the path."""
-  return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+  """`obj` as strict JSON (`dumps`) at `path`, atomically. Returns the path."""
+  return atomic_write_text(path, dumps(obj, indent) + "\n")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
   """The JSON objects of a JSON-lines file (blank lines skipped)."""
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def filter_jsonl(path: str | os.PathLike, keep: Callable[[dict], bool]) -> int:
+  """Rewrites a JSON-lines file (atomically) with only the rows `keep` accepts. Returns the number
+  of rows dropped; a missing file is left missing."""
+  if not os.path.isfile(path):
+    return 0
+  rows = read_jsonl(path)
+  kept = [r for r in rows if keep(r)]
+  if len(kept) != len(rows):
+    atomic_write_text(path, "".join(dumps(r) + "\n" for r in kept))
+  return len(rows) - len(kept)
 
 
 def _pyplot():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Callable, Mapping, NamedTuple
@@ -29,7 +28,7 @@ import optax
 from absl import logging
 
 from mend_jax import checkpoint as ckpt_lib
-from mend_jax import losses, tree
+from mend_jax import losses, report, tree
 from mend_jax.data.batches import EditData
 from mend_jax.editors.base import Editor, EditorState
 
@@ -75,6 +74,16 @@ class TrainConfig:
 
   def __post_init__(self):
     losses.check_kl_positions(self.kl_positions)
+    for name in ("lr", "lr_lr", "grad_clip"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
+    for name in ("accumulate", "max_steps", "n_edits", "n_loc", "val_every", "n_val", "patience", "log_every",
+                 "ckpt_every"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"train.{name} must be an integer >= 1, got {value!r}")
+    if self.c_edit < 0 or self.c_loc < 0:
+      raise ValueError(f"train.c_edit and train.c_loc must be >= 0, got {self.c_edit} and {self.c_loc}")
 
   @property
   def objective(self) -> losses.Objective:
@@ -166,11 +175,17 @@ def validate(eval_step, editor_state: EditorState, base_params, data: EditData, 
   n = min(cfg.n_val, len(data))
   out: dict[str, list] = {}
   for i in range(n):
+    if i == n // 2:
+      ckpt_lib.crash_point("validate")
     loc_idx = np.arange(i, i + cfg.n_loc) % len(data)
     m = eval_step(editor_state, base_params, data.batch(np.array([i]), loc_idx))
     for k, v in m.items():
       out.setdefault(k, []).append(float(v))
   return {f"val/{k}": float(np.mean(v)) for k, v in out.items()}
+
+
+class TrainingFailed(ValueError):
+  """A run whose training went bad: most micro-steps non-finite, or no finite validation loss."""
 
 
 def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: EditData, workdir: str,
@@ -188,19 +203,31 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
     progress: called after every micro-step with (step, max_steps, the last logged metric row).
   Returns:
     (final state, summary {steps, best_val_loss, stopped_early, n_skipped, train_time_s}).
+  Raises:
+    CheckpointMismatch: workdir holds a checkpoint of another run (nothing is written).
+    TrainingFailed: more than half of all micro-steps were skipped as non-finite, or no
+      validation loss was finite (the checkpoints stay for inspection; none becomes best).
   """
   if not editor.learned:
     raise ValueError(f"editor {editor.name!r} has nothing to train; save it with checkpoint.save_untrained")
+  run = {**dict(meta or {}), **ckpt_lib.fingerprint(editor, base_params)}
+  ckpt_lib.check_workdir(workdir, run)  # refuse a directory of another run before writing anything
   os.makedirs(workdir, exist_ok=True)
   tx = make_optimizer(cfg, editor)
-  mngr = ckpt_lib.Checkpoints(workdir, {**dict(meta or {}), **ckpt_lib.fingerprint(editor)})
+  mngr = ckpt_lib.Checkpoints(workdir, run)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
   if mngr.latest_step() is None:
     state, extra = init_state(editor, tx, seed, base_params), {}
+    if os.path.exists(metrics_path):
+      os.remove(metrics_path)  # rows of a run that never reached a checkpoint
   else:  # shapes first, restored into: the state is allocated once
     editor_state, rest, extra = mngr.restore(*_split(state_shapes(editor, tx, seed, base_params)))
     state = _join(editor_state, rest)
+    # Rows logged after this checkpoint are logged again by this run.
+    report.filter_jsonl(metrics_path, lambda row: row.get("step", 0) <= int(state.step))
     logging.info("resuming %s from step %d of %s", editor.name, int(state.step), workdir)
-  best_val = extra.get("best_val", float("inf"))
+  best_val = extra.get("best_val")
+  best_val = float("inf") if best_val is None else float(best_val)
   bad_vals = extra.get("bad_vals", 0)
   train_step = make_train_step(editor, cfg, fault)
   eval_step = make_eval_step(editor, cfg)
@@ -208,11 +235,12 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
   acc: dict[str, list] = {}
   row: dict[str, float] = {}
   stopped_early = False
-  step = int(state.step)
+  step = first = int(state.step)
   bookkeeping = lambda: {"best_val": best_val, "bad_vals": bad_vals}
-  with open(os.path.join(workdir, "metrics.jsonl"), "a") as log:
+  with open(metrics_path, "a") as log:
     while step < cfg.max_steps:
       batch = train.sample(seed, step, cfg.n_edits, cfg.n_loc)
+      ckpt_lib.crash_point("compile" if step == first else "step", step)
       state, m = train_step(state, base_params, batch)
       step += 1
       for k, v in m.items():
@@ -221,20 +249,21 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
         row = {k: float(np.mean(jax.device_get(v))) for k, v in acc.items()}
         acc = {}
         row.update(step=step, time_s=round(time.time() - t0, 2), n_skipped=int(state.n_skipped))
-        log.write(json.dumps(row) + "\n")
+        log.write(report.dumps(row) + "\n")
         log.flush()
       if step % cfg.val_every == 0 or step == cfg.max_steps:
         vm = validate(eval_step, state.editor, base_params, val, cfg)
-        improved = vm["val/loss"] < best_val
+        improved = bool(vm["val/loss"] < best_val)  # a NaN loss never improves
         if improved:
           best_val, bad_vals = vm["val/loss"], 0
         else:
           bad_vals += 1
-        log.write(json.dumps({"step": step, **vm, "best_val_loss": best_val}) + "\n")
+        log.write(report.dumps({"step": step, **vm, "best_val_loss": best_val}) + "\n")
         log.flush()
         logging.info("step %d: val loss %.4f, edit success %.3f, loc agree %.3f%s", step, vm["val/loss"],
                      vm["val/edit_success"], vm["val/loc_agree"], " (best)" if improved else "")
         mngr.save(step, *_split(state), bookkeeping(), val_loss=vm["val/loss"])
+        ckpt_lib.crash_point("after_val_save", step)
         if bad_vals >= cfg.patience and step < cfg.max_steps:
           stopped_early = True
           logging.info("stopping early: %d validations without improvement", bad_vals)
@@ -245,5 +274,12 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
         progress(step, cfg.max_steps, row)
   mngr.save(step, *_split(state), bookkeeping())
   mngr.close()
+  n_skipped = int(state.n_skipped)
+  if 2 * n_skipped > int(state.step):
+    raise TrainingFailed(f"{n_skipped} of {int(state.step)} micro-steps were skipped because their loss or gradient "
+                         f"was not finite; the editor in {workdir!r} is not usable (lower train.lr, check the data)")
+  if not np.isfinite(best_val):
+    raise TrainingFailed(f"no validation loss was finite in {step} micro-steps; the editor in {workdir!r} is not "
+                         "usable (lower train.lr, check the data)")
   return state, {"steps": step, "best_val_loss": best_val, "stopped_early": stopped_early,
-                 "n_skipped": int(state.n_skipped), "train_time_s": time.time() - t0}
+                 "n_skipped": n_skipped, "train_time_s": time.time() - t0}

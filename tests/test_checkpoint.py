@@ -2,7 +2,9 @@
 evaluation; a restored editor edits identically in a fresh process; checkpoints made for other
 layers or another model family are refused."""
 
+import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,49 +15,35 @@ import pytest
 import transformers as tf
 
 from mend_jax import checkpoint as ckpt_lib
-from mend_jax import editors, experiment, models, train, tree
+from mend_jax import editors, models, train, tree
 from mend_jax import evaluate as eval_lib
 from mend_jax.editors import MEND, MENDConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TCFG = train.TrainConfig(lr=1e-3, lr_lr=1e-3, max_steps=2, accumulate=1, n_edits=1, n_loc=2, val_every=2,
                          n_val=2, log_every=1, ckpt_every=2, patience=100)
-# MEND's round trip is test_restored_checkpoint_edits_identically_in_a_fresh_process below.
-CFGS = {"enn": {}, "ke": {"lstm_hidden": 8, "cond_dim": 8, "cond_hidden": 8},
-        "ft_kl": {"lr": 1e-2, "max_steps": 3, "loc_batch_size": 2}}
-
-
-@pytest.mark.parametrize("name", sorted(CFGS))
-def test_train_save_restore_edit_evaluate(name, synth_setup, tmp_path):
+def test_enn_save_restore_edit_evaluate(synth_setup, tmp_path):
+  """ENN's checkpoint holds the model it trained: restored, it edits exactly like the live state,
+  evaluates, and the frozen original stays untouched. (MEND's round trip is the fresh-process
+  test below; every editor's runs through train -> checkpoint -> evaluation in
+  tests/test_experiment.py.)"""
   m, d = synth_setup["model"], synth_setup["data"]
-  base = m.params
-  base_copy = jax.device_get(base)
-  editor = editors.make(name, m, CFGS[name])
-  workdir = str(tmp_path / name)
-  if editor.learned:
-    state, summary = train.fit(editor, TCFG, base, d, d, workdir)
-    assert summary["steps"] == 2 and int(state.n_skipped) == 0
-    live = state.editor
-  else:
-    ckpt_lib.save_untrained(editor, base, workdir, 0, {"config": {}})
-    live = jax.jit(editor.init)(jax.random.PRNGKey(0), base)
-  loaded = ckpt_lib.load_editor(workdir, m)
-  assert loaded.editor.name == name and type(loaded.editor) is type(editor)
-  pool = experiment.loc_pool(d)
-  live, loaded = editor.with_loc_pool(live, pool), loaded.with_loc_pool(pool)
+  base_copy = jax.device_get(m.params)
+  editor = editors.make("enn", m, {})
+  state, summary = train.fit(editor, TCFG, m.params, d, d, str(tmp_path))
+  assert summary["steps"] == 2 and int(state.n_skipped) == 0
+  live = state.editor
+  loaded = ckpt_lib.load_editor(str(tmp_path), m)
+  assert loaded.editor.name == "enn" and type(loaded.editor) is type(editor)
   batch = d.edit.take(np.array([0]))
-  # The restored editor edits exactly like the one that was trained (ENN: from its trained model).
-  ref = jax.jit(editor.edit)(live, editor.pre_edit_params(live, base), batch)
-  got = loaded.edit(base, batch)
-  chex.assert_trees_all_equal(ref, got)
-  res = eval_lib.evaluate(loaded.editor, loaded.state, base, d, n_edits=2, k=1)
+  chex.assert_trees_all_equal(jax.jit(editor.edit)(live, editor.pre_edit_params(live, m.params), batch),
+                              loaded.edit(m.params, batch))
+  res = eval_lib.evaluate(loaded.editor, loaded.state, m.params, d, n_edits=2, k=1)
   for key in ("edit_success", "reliability", "locality_drawdown", "time_per_edit_s"):
     assert np.isfinite(res[key]), key
-  # The original model is never trained (ENN trains its own copy).
-  chex.assert_trees_all_equal(base_copy, base)
-  if name == "enn":
-    assert not np.array_equal(tree.flatten(base_copy)[m.layer_paths[0]],
-                              tree.flatten(live.params["theta"])[m.layer_paths[0]])
+  chex.assert_trees_all_equal(base_copy, m.params)  # ENN trains its own copy
+  assert not np.array_equal(tree.flatten(base_copy)[m.layer_paths[0]],
+                            tree.flatten(live.params["theta"])[m.layer_paths[0]])
 
 
 def test_restored_checkpoint_edits_identically_in_a_fresh_process(synth_setup, tmp_path):
@@ -103,3 +91,66 @@ def test_checkpoint_for_other_layers_or_model_is_refused(synth_setup, tmp_path):
   empty = {**d.edit.take([0]), "labels": np.full((1, 24), -100, np.int32)}
   with pytest.raises(ValueError, match="edit target is empty"):
     loaded.edit(m.params, empty)
+
+
+def _steps(workdir):
+  return {p: os.path.getmtime(os.path.join(workdir, "checkpoints", p))
+          for p in os.listdir(os.path.join(workdir, "checkpoints"))}
+
+
+def test_a_run_of_another_editor_or_base_model_is_refused_before_writing(synth_setup, tmp_path, caplog):
+  """FT saved over a trained MEND directory, or MEND resumed on a same-shape model with other
+  weights: refused, nothing changed on disk. load_editor on the other model works, with a warning
+  naming both models."""
+  ed, m, d = synth_setup["editor"], synth_setup["model"], synth_setup["data"]
+  wd = str(tmp_path / "wd")
+  train.fit(ed, TCFG, m.params, d, d, wd)
+  open(os.path.join(wd, "results.json"), "w").write('{"edit_success": 0.5}')
+  before = _steps(wd)
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match="holds a checkpoint whose alg is 'mend', but this run's is 'ft'"):
+    ckpt_lib.save_untrained(editors.make("ft", m, {}), m.params, wd, 0, {"config": {}})
+  other = models.model_from_config(m.config, seed=1)  # same family and shapes, other weights
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match="whose model is .* weights"):
+    train.fit(MEND(other, MENDConfig(rank=8)), TCFG, other.params, d, d, wd)
+  assert _steps(wd) == before and open(os.path.join(wd, "results.json")).read() == '{"edit_success": 0.5}'
+  with caplog.at_level("WARNING"):
+    loaded = ckpt_lib.load_editor(wd, other)
+  assert "was trained on model" in caplog.text and "applying it to model" in caplog.text
+  assert loaded.editor.name == "mend"
+  with pytest.raises(ValueError, match="is a file; expected a directory"):
+    ckpt_lib.check_workdir(os.path.join(wd, "results.json"), {})
+
+
+def _array_files(workdir, item="editor"):
+  out = []
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints")):
+    if f"{os.sep}{item}{os.sep}d" in root + os.sep:
+      out += [os.path.join(root, f) for f in files]
+  return out
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing_meta", "missing_item"])
+def test_a_damaged_checkpoint_is_one_clear_error(damage, synth_setup, tmp_path):
+  ed, m, d = synth_setup["editor"], synth_setup["model"], synth_setup["data"]
+  wd = str(tmp_path / "wd")
+  train.fit(ed, TCFG, m.params, d, d, wd)
+  step_dir = os.path.join(wd, "checkpoints", max(os.listdir(os.path.join(wd, "checkpoints"))))
+  if damage == "flip":
+    path = max(_array_files(wd), key=os.path.getsize)
+    raw = bytearray(open(path, "rb").read())
+    raw[len(raw) // 2] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+  elif damage == "truncate":
+    path = max(_array_files(wd), key=os.path.getsize)
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: len(raw) // 3])
+  elif damage == "missing_meta":
+    shutil.rmtree(os.path.join(step_dir, "meta"))
+  else:
+    shutil.rmtree(os.path.join(step_dir, "editor"))
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    ckpt_lib.load_editor(wd, m)
+  msg = str(e.value)
+  assert "checkpoints" in msg and "\n" not in msg, msg
+  with pytest.raises(ckpt_lib.CheckpointError):  # resuming reads the same checkpoint
+    train.fit(ed, dataclasses.replace(TCFG, max_steps=4), m.params, d, d, wd)

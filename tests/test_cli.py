@@ -42,3 +42,15 @@ def test_config_names_resolve_to_packaged_files(tmp_path):
   bad.write_text("def get_config():\n  return 1\n")
   with pytest.raises(ValueError, match="returned int, not a ConfigDict"):
     cli._config_from_argv(["mend-train", f"--config={bad}"])
+
+
+def test_a_workdir_that_is_a_file_and_bad_evaluate_flags_are_one_line(tmp_path):
+  afile = tmp_path / "notadir"
+  afile.write_text("x")
+  r = subprocess.run([sys.executable, "-m", "mend_jax.cli", "train", f"--workdir={afile}"], cwd=ROOT,
+                     capture_output=True, text=True, env=ENV)
+  assert r.returncode == 2 and r.stderr.startswith("error: ") and "is a file; expected a directory" in r.stderr
+  for flag, message in (("--k=0", "--k must be >= 1"), ("--n=0", "--n must be -1")):
+    r = subprocess.run([sys.executable, "-m", "mend_jax.cli", "evaluate", f"--workdir={tmp_path}", flag], cwd=ROOT,
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import make_batch, tiny_model
-from mend_jax import models
+from mend_jax import models, tree
 
 
 def test_default_editable_layers_follow_the_paper():
@@ -104,3 +104,41 @@ def test_greedy_answer_equals_an_unpadded_argmax_loop():
   assert want and got == tok.decode(want)
   with pytest.raises(ValueError, match="exceeds the context of 8"):
     models.greedy_answer(model, model.params, tok, "abcdefg", max_new_tokens=3, max_len=8)
+
+
+def test_check_batch_names_the_bad_key_and_what_was_expected():
+  model = tiny_model("gpt2")
+  good = {k: np.asarray(v) for k, v in make_batch(model, batch=2).items()}
+  cases = [
+      ({k: v for k, v in good.items() if k != "attention_mask"}, r"missing \['attention_mask'\]"),
+      ({**good, "labels": good["labels"][:1]}, r"batch\['labels'\] has shape \(1, 8\); expected \(2, 8\)"),
+      ({**good, "input_ids": good["input_ids"].astype(np.float32)}, r"batch\['input_ids'\] has dtype float32"),
+      ({**good, "input_ids": good["input_ids"][0]}, r"must be \[batch, time\]"),
+      ({**good, "input_ids": np.where(good["input_ids"] == good["input_ids"][1, 3], 50, good["input_ids"])},
+       r"batch\['input_ids'\]\[1, 3\] = 50 is not a token id of this model \(vocabulary of 50\)"),
+      ({**good, "labels": np.where(good["labels"] >= 0, 77, -100)}, r"batch\['labels'\]\[0, 5\] = 77"),
+      ({**good, "labels": np.concatenate([good["labels"][:1], np.full((1, 8), -100)]).astype(np.int32)},
+       r"row 1 has no scored token"),
+      (make_batch(model, length=40), "longer than the model's context of 32"),
+      ([1, 2, 3], "is a dict of arrays"),
+  ]
+  for bad, message in cases:
+    with pytest.raises((ValueError, TypeError), match=message):
+      models.check_batch(model, bad)
+  models.check_batch(model, good)
+  bert = tiny_model("bert")
+  b = {k: np.asarray(v) for k, v in make_batch(bert).items()}
+  with pytest.raises(ValueError, match=r"batch\['labels'\]\[0\] = 2; expected 0 or 1"):
+    models.check_batch(bert, {**b, "labels": np.array([2, 0], np.int32)})
+  # Under jit only the static checks run (values are not known).
+  jax.jit(lambda x: models.check_batch(model, x) or 0)(good)
+  with pytest.raises(ValueError, match="has shape"):
+    jax.jit(lambda x: models.check_batch(model, x) or 0)({**good, "labels": good["labels"][:1]})
+
+
+def test_check_finite_params_names_the_leaf():
+  model = tiny_model("gpt2")
+  models.check_finite_params(model.params)
+  bad = tree.replace_leaves(model.params, {"transformer/h/1/attn/c_attn/kernel": jnp.full((48, 16), jnp.nan)})
+  with pytest.raises(ValueError, match="'transformer/h/1/attn/c_attn/kernel' holds NaN or inf"):
+    models.check_finite_params(bad)

@@ -31,6 +31,8 @@ def test_resumed_run_reaches_the_same_state_without_building_it_twice(synth_setu
   assert not built, "a resumed run must restore into the abstract state, not build a concrete one first"
   assert int(resumed.step) == int(full.step) == 6
   chex.assert_trees_all_equal(full, resumed)
+  steps = [r["step"] for r in map(json.loads, open(tmp_path / "b" / "metrics.jsonl")) if "loss" in r]
+  assert steps == [2, 3, 4, 6]  # the redone rows are not logged twice (3: the first run's last step)
   # ... and it really trained: the editor moved away from its initial value.
   init = train.init_state(ed, train.make_optimizer(TCFG, ed), 0)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(init.editor.params),
@@ -80,3 +82,40 @@ def test_fit_refuses_an_editor_with_nothing_to_train(synth_setup, tmp_path):
   ft = editors.make("ft", synth_setup["model"], {})
   with pytest.raises(ValueError, match="nothing to train"):
     train.fit(ft, TCFG, synth_setup["model"].params, synth_setup["data"], synth_setup["data"], str(tmp_path))
+
+
+def test_a_run_that_skips_most_steps_fails_loudly_and_writes_strict_json(synth_setup, tmp_path):
+  ed, m, d = synth_setup["editor"], synth_setup["model"], synth_setup["data"]
+  nan_after_2 = lambda loss, step: jnp.where(step >= 2, jnp.nan, loss)
+  with pytest.raises(train.TrainingFailed, match="4 of 6 micro-steps were skipped"):
+    train.fit(ed, TCFG, m.params, d, d, str(tmp_path), fault=nan_after_2)
+  reject = lambda token: pytest.fail(f"non-strict JSON constant {token}")
+  for line in open(tmp_path / "metrics.jsonl"):
+    json.loads(line, parse_constant=reject)
+  for step in os.listdir(tmp_path / "checkpoints"):
+    json.loads(open(tmp_path / "checkpoints" / step / "meta" / "metadata").read(), parse_constant=reject)
+  # The rerun of the same command fails the same way (it does not evaluate a broken editor).
+  with pytest.raises(train.TrainingFailed):
+    train.fit(ed, TCFG, m.params, d, d, str(tmp_path), fault=nan_after_2)
+
+
+def test_stale_checkpoints_are_removed_when_the_directory_is_opened(synth_setup, tmp_path):
+  """A kill between Orbax's save of a new step and its deletion of the old one leaves three
+  checkpoints: opening the directory for training keeps only the latest and the best."""
+  ed, m = synth_setup["editor"], synth_setup["model"]
+  state = train.init_state(ed, train.make_optimizer(TCFG, ed), 0, m.params)
+  mngr = ckpt_lib.Checkpoints(str(tmp_path), {})
+  mngr.mngr._preservation_policy = ckpt_lib.ocp_managers.LatestN(n=None)  # keeps all: what a kill leaves
+  for step, loss in ((2, 1.0), (4, 3.0), (6, None)):
+    mngr.save(step, *train._split(state), val_loss=loss)
+  mngr.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "6"]
+  ckpt_lib.Checkpoints(str(tmp_path), {}).close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "6"]  # the best and the latest
+
+
+@pytest.mark.parametrize("field,value", [("val_every", 0), ("max_steps", 0), ("max_steps", -5), ("n_val", 0),
+                                         ("accumulate", 0), ("lr", 0.0), ("kl_positions", "some")])
+def test_train_config_rejects_values_that_would_train_nothing(field, value):
+  with pytest.raises(ValueError, match=field):
+    train.TrainConfig(**{field: value})

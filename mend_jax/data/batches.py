@@ -110,6 +110,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_
     t_ids = tokenizer.encode(" " + str(t).strip(), add_special_tokens=False)
     if not t_ids:
       raise ValueError(f"{what}[{i}]: the target {t!r} tokenises to nothing")
+    _check_known(tokenizer, t_ids, f"{what}[{i}]: the target {t!r}")
     seq = p_ids + t_ids
     if len(seq) > max_len:
       raise ValueError(
@@ -120,6 +121,14 @@ def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_
     labels[i, len(p_ids): len(seq)] = t_ids
     kl[i, len(p_ids) - 1: len(seq) - 1] = 1  # the positions that predict the target tokens
   return Tokenized(ids, attn, labels, kl)
+
+
+def _check_known(tokenizer, ids: Sequence[int], what: str) -> None:
+  """A target must not contain the tokenizer's unknown token: the edit would teach <unk>."""
+  unk = getattr(tokenizer, "unk_token_id", None)
+  if unk is not None and unk in ids and getattr(tokenizer, "unk_token", None) not in ("", None):
+    raise ValueError(f"{what} has words outside the tokenizer's vocabulary (they become "
+                     f"{tokenizer.unk_token!r}); use targets the tokenizer knows")
 
 
 def _pad_id(tokenizer) -> int:

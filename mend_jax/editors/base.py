@@ -26,7 +26,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mend_jax import losses, tree
+from mend_jax import losses, models, tree
 from mend_jax.models import EditableModel
 
 Batch = Mapping[str, jax.Array]
@@ -41,9 +41,10 @@ class EditorState(NamedTuple):
 
 
 class Editor(abc.ABC):
-  """Base of every editor. Subclasses set `name` and implement `init` and `edit`; the other
-  methods have the defaults that fit most editors. Objects hash by identity, so their methods can
-  be jitted with the object as a static argument.
+  """Base of every editor. Subclasses set `name` and `config_class` and implement `init` and
+  `_edit` (the edit itself; `edit` checks its inputs around it); the other methods have the
+  defaults that fit most editors. Objects hash by identity, so their methods can be jitted with
+  the object as a static argument.
 
   Attributes:
     name: registry name ("mend", "ft", "ft_kl", "enn", "ke").
@@ -73,8 +74,28 @@ class Editor(abc.ABC):
     """The initial state (jittable, so `jax.eval_shape` gives its shapes)."""
 
   @abc.abstractmethod
-  def edit(self, state: EditorState, params, batch: Batch) -> tuple[Any, dict]:
-    """Edits `params` so the model fits `batch` (k edits at once). Returns (new_params, info)."""
+  def _edit(self, state: EditorState, params, batch: Batch, **static) -> tuple[Any, dict]:
+    """The edit, on inputs `edit` has checked. Returns (new_params, info)."""
+
+  def edit(self, state: EditorState, params, batch: Batch, *, check: bool = True, **static) -> tuple[Any, dict]:
+    """Edits `params` so the model fits `batch` (k edits at once). Returns (new_params, info).
+
+    Args:
+      state: the editor's EditorState.
+      params: the model's parameters (the starting point; see `pre_edit_params`).
+      batch: an edit batch in the model's format (`mend_jax.models`), e.g. input_ids [k, T].
+      check: check the batch first (`models.check_batch`: keys, shapes, dtypes, token ids,
+        scored labels) and report non-finite parameters instead of editing them. Under jit or
+        vmap only the static checks can run; callers inside their own jit that validated their
+        data pass False.
+      static: the editor's static options (MEND: diagnostics).
+    """
+    if check:
+      models.check_batch(self.model, batch)
+    new, info = self._edit(state, params, batch, **static)
+    if check:
+      check_edit_result(self.model, params, info)
+    return new, info
 
   def pre_edit_params(self, state: EditorState, base_params):
     """The model an edit starts from and that "before" metrics use: `base_params` itself, except
@@ -107,7 +128,7 @@ class Editor(abc.ABC):
     """
     del train
     state = EditorState(train_params, aux)
-    new, info = self.edit(state, self.pre_edit_params(state, base_params), batch["edit"])
+    new, info = self.edit(state, self.pre_edit_params(state, base_params), batch["edit"], check=False)
     loss, metrics = losses.post_edit_loss(self.model, new, base_params, batch, objective)
     metrics.update(loss_before=info["loss_before"], update_norm=jnp.mean(info["update_norm"]))
     return loss, (aux, metrics)
@@ -118,10 +139,24 @@ class Editor(abc.ABC):
     return jit_edit(self)
 
 
+def check_edit_result(model: EditableModel, params, info: Mapping[str, jax.Array]) -> None:
+  """After an edit on concrete arrays: a non-finite edit loss at the starting point means the
+  parameters (or the batch) are broken; raises ValueError naming the first non-finite parameter
+  instead of returning NaN kernels. No-op under tracing."""
+  loss = info["loss_before"]
+  if isinstance(loss, jax.core.Tracer) or bool(jnp.isfinite(loss)):
+    return
+  models.check_finite_params(params)
+  raise ValueError(f"the edit loss at the starting point is {float(loss)} (the parameters are finite); "
+                   "nothing was edited")
+
+
 def jit_edit(editor: Editor, from_base: bool = False, static_argnames: tuple[str, ...] | None = None):
-  """`editor.edit` compiled: (state, params, batch, **static) -> (new_params, info), the same
-  result as jax.jit(editor.edit), without copying the model. Cached per (editor, from_base,
-  static_argnames): every caller of one editor shares one compiled function.
+  """`editor.edit` compiled: (state, params, batch, check=True, **static) -> (new_params, info),
+  the same result as jax.jit(editor.edit), without copying the model. Cached per (editor,
+  from_base, static_argnames): every caller of one editor shares one compiled function. With
+  check (the default) the batch is checked on the host before the call and the edit loss after
+  it (`Editor.edit`).
 
   The compiled program returns only the edited leaves (`model.layer_paths`); they are put into
   the caller's tree on the host, whose other leaves are the caller's own (immutable) arrays. A
@@ -148,15 +183,20 @@ def _compiled_edit(editor: Editor, from_base: bool, static_argnames: tuple[str, 
     return editor.pre_edit_params(state, params) if from_base else params
 
   def edited_leaves(state, params, batch, **static):
-    new, info = editor.edit(state, start(state, params), batch, **static)
+    new, info = editor.edit(state, start(state, params), batch, check=False, **static)
     return tree.get_leaves(new, paths), info
 
   compiled = jax.jit(edited_leaves, static_argnames=static_argnames)
 
   @functools.wraps(editor.edit)
-  def call(state, params, batch, **static):
+  def call(state, params, batch, check: bool = True, **static):
+    if check:
+      models.check_batch(editor.model, batch)
     leaves, info = compiled(state, params, batch, **static)
-    return tree.replace_leaves(start(state, params), leaves), info
+    begin = start(state, params)
+    if check:
+      check_edit_result(editor.model, begin, info)
+    return tree.replace_leaves(begin, leaves), info
 
   call._cache_size = compiled._cache_size
   return call

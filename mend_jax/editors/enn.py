@@ -108,7 +108,7 @@ class ENN(Editor):
       params = tree.replace_leaves(params, {p: w[p] - lr[i].astype(w[p].dtype) * g[p] for i, p in enumerate(paths)})
     return params, loss0
 
-  def edit(self, state: EditorState, params, batch: Mapping[str, jax.Array]):
+  def _edit(self, state: EditorState, params, batch: Mapping[str, jax.Array]):
     """One inner step (or n_edit_steps) from `params` (normally `pre_edit_params(state, base)`),
     with the learned step sizes state.params["lr"]. Returns (new_params, info), info =
     {loss_before: [], update_norm: [n_layers]}. Pure and jittable (`jit_edit`)."""

@@ -171,7 +171,7 @@ class FT(Editor):
     l_loc = losses.locality_kl(model.task, ref, model.logits(p, loc), loc)
     return self.cfg.c_edit * l_edit + l_loc, (l_edit, l_loc, success)
 
-  def edit(self, state: EditorState, params, batch: Mapping[str, jax.Array]):
+  def _edit(self, state: EditorState, params, batch: Mapping[str, jax.Array]):
     """Fine-tunes the editable matrices of `params` on `batch` (k edits at once) in one
     jax.lax.while_loop. Returns (new_params, info), info = {n_steps: [] int32 updates applied,
     success: [] 1.0 if every edit succeeds at the end, loss_before: [] L_e of `params`,

@@ -249,7 +249,7 @@ class KE(Editor):
     ids, seg, valid, label = edit_text(self.model.task, batch)
     return self._net(self._embed_dim).apply({"params": net_params}, ids, seg, valid, label)
 
-  def edit(self, state: EditorState, params, batch: Mapping[str, jax.Array]):
+  def _edit(self, state: EditorState, params, batch: Mapping[str, jax.Array]):
     """W' = W - sum_b s_b (G_b * m_b + o_b) on each editable matrix. Returns (new_params, info),
     info = {loss_before: [], update_norm: [n_layers], gate: [n_layers, B]}. Pure and jittable."""
     task = self.model.task

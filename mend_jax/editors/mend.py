@@ -174,8 +174,8 @@ class MEND(Editor):
     return tree.replace_leaves(model_params, new), info
 
   # ---------------------------------------------------------------- the edit
-  def edit(self, state: EditorState, params, batch: Mapping[str, jax.Array], diagnostics: bool = False):
-    """Edits `params` so the model fits `batch` (one or k edits; their updates are summed).
+  def _edit(self, state: EditorState, params, batch: Mapping[str, jax.Array], diagnostics: bool = False):
+    """MEND's edit (`Editor.edit` checks the inputs around it): one or k edits, their updates summed.
 
     Args:
       state: the editor's state (networks, alpha, statistics).

@@ -62,22 +62,27 @@ def _jsonl(records: Iterable[dict]) -> str:
 def load_records(path: str | os.PathLike) -> list[dict]:
   """Read a JSONL file of edit records (blank lines are skipped).
 
-  Raises ValueError naming the file and the 1-based line of a row that is
-  not valid JSON or not a JSON object.
+  Raises FileNotFoundError for a missing file and ValueError naming the file and the 1-based line
+  of a row that is not UTF-8, not valid JSON or not a JSON object.
   """
   path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"records file {str(path)!r} does not exist")
   records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg}): {line.strip()[:80]!r}") from e
-      if not isinstance(row, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-      records.append(row)
+  for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}:{lineno}: bytes that are not UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg}): {line.strip()[:80]!r}") from None
+    if not isinstance(row, dict):
+      raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    records.append(row)
   return records
 
 

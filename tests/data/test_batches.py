@@ -151,11 +151,18 @@ def test_bad_records_are_clear_errors(synth_setup):
   tok = synth_setup["tok"]
   with pytest.raises(ValueError, match="target for prompt 'a' is empty"):
     B.encode_pairs(tok, ["a"], [" "], 24)
+  rec = synth_setup["data"].records[0]
   with pytest.raises(ValueError, match="longer than max_len=4"):
-    B.encode_pairs(tok, ["The capital of X is"], ["Y"], 4)
+    B.encode_pairs(tok, [rec["src"]], [rec["alt"]], 4)
   rec = dict(synth_setup["data"].records[0])
   del rec["rephrase"]
   with pytest.raises(ValueError, match=r"train\[0\]: missing or empty field\(s\) \['rephrase'\]"):
     B.EditData.from_records([rec], tok, 24, name="train")
   with pytest.raises(FileNotFoundError):
     benchmark.load_records(synth_setup["root"] / "missing.jsonl")
+
+
+def test_a_target_outside_the_vocabulary_is_an_error(synth_setup):
+  tok = synth_setup["tok"]  # word-level: an unknown word becomes <unk>
+  with pytest.raises(ValueError, match=r"x\[0\]: the target 'Zzyzxq' has words outside the tokenizer's vocabulary"):
+    B.encode_pairs(tok, ["The capital of Fodu is"], ["Zzyzxq"], 24, what="x")

@@ -6,6 +6,7 @@ objective and metrics; param_labels covers the trained leaves."""
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -87,3 +88,25 @@ def test_every_editor_edits_the_same_layers_of_seq2seq_and_classifier_models(fam
     assert _changed(start, new) == set(ed.model.layer_paths), name
     assert bool(tree.all_finite((new, info))), name
     assert info["update_norm"].shape == (len(ed.model.layers),), name
+
+
+@pytest.mark.parametrize("name", editors.NAMES)
+def test_every_editor_checks_its_inputs(name):
+  """A bad batch is an error naming the key, before anything runs (eager edit and jit_edit); a
+  non-finite parameter is reported instead of edited; check=False skips the checks."""
+  ed, state = editor_setup(name, "gpt2")
+  model = ed.model
+  batch = wrong_batch(model)
+  start = ed.pre_edit_params(state, model.params)
+  oov = {**batch, "input_ids": batch["input_ids"].at[0, 2].set(model.config.vocab_size + 7)}
+  for fn in (ed.edit, ed.jit_edit):
+    with pytest.raises(ValueError, match=r"batch\['input_ids'\]\[0, 2\] = 57 is not a token id"):
+      fn(state, start, oov)
+    with pytest.raises(ValueError, match=r"batch\['attention_mask'\] has shape"):
+      fn(state, start, {**batch, "attention_mask": batch["attention_mask"][:1]})
+  path = "transformer/wte/embedding"
+  broken = tree.replace_leaves(start, {path: tree.flatten(start)[path].at[3, 0].set(jnp.nan)})
+  with pytest.raises(ValueError, match=f"'{path}' holds NaN or inf values; nothing was edited"):
+    ed.jit_edit(state, broken, batch)
+  new, _ = ed.jit_edit(state, start, oov, check=False)  # the caller's own responsibility
+  assert tree.flatten(new).keys() == tree.flatten(start).keys()

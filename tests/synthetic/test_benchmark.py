@@ -139,3 +139,10 @@ def test_load_records_names_file_and_line(tmp_path):
   path.write_text('{"src": "a"}\n[1, 2]\n', encoding="utf-8")
   with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
     benchmark.load_records(path)
+
+
+def test_load_records_names_the_line_of_bytes_that_are_not_utf8(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_bytes(b'{"src": "a"}\n{"src": "caf\xe9"}\n')
+  with pytest.raises(ValueError, match=r"bad\.jsonl:2: bytes that are not UTF-8"):
+    benchmark.load_records(path)

@@ -1,0 +1,124 @@
+"""Per-token layer inputs u and output gradients delta of the editable layers, in one pass.
+
+For a linear layer z = W u + b the gradient of a loss is a sum of per-token rank-1 terms,
+dL/dW = sum_t delta_t u_t^T with delta_t = dL/dz_t. We run the model under
+`flax.linen.intercept_methods`: each editable module's input u is recorded and its output becomes
+z + eps[path] with eps a zero array; the cotangent of eps is exactly delta. One forward and one
+backward pass (jax.vjp wrt eps only, so the backward pass stops at the lowest edited layer and
+never forms a weight gradient).
+
+The interceptor is installed inside the traced function, so it is part of every compiled program
+(an interceptor installed around a jitted call is silently skipped on a cache hit).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mend_jax import losses
+from mend_jax.models import EditableModel
+
+
+class Capture(NamedTuple):
+  """loss: scalar token-mean NLL; logits: the model output;
+  u: {path: [B,T,d_in]} layer inputs; delta: {path: [B,T,d_out]} gradients wrt layer outputs.
+  (T is the length of the sequence the layer sees: encoder or decoder length for seq2seq.)"""
+
+  loss: jax.Array
+  logits: jax.Array
+  u: dict[str, jax.Array]
+  delta: dict[str, jax.Array]
+
+
+def _run_intercepted(model: EditableModel, params, batch, on_layer: Callable[[str, jax.Array, jax.Array], jax.Array]):
+  """Runs the model; for every editable module call, on_layer(path, u, z) gives the output to use."""
+  targets = {l.module_path: l.path for l in model.layers}
+  seen: list[str] = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    path = targets.get("/".join(context.module.path))
+    if path is None:
+      return next_fun(*args, **kwargs)
+    out = next_fun(*args, **kwargs)
+    seen.append(path)
+    return on_layer(path, args[0], out)
+
+  with nn.intercept_methods(interceptor):
+    logits = model.logits(params, batch)
+  if sorted(seen) != sorted(targets.values()):
+    missing = sorted(set(targets.values()) - set(seen))
+    repeated = sorted({p for p in seen if seen.count(p) > 1})
+    raise ValueError(
+        f"editable layers must each be called exactly once per forward pass; "
+        f"never called: {missing}, called more than once: {repeated}")
+  return logits
+
+
+def output_shapes(model: EditableModel, params, batch) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shape of every editable layer's output for this batch (abstract evaluation, no compute)."""
+  shapes: dict[str, Any] = {}
+
+  def record(path, u, z):
+    shapes[path] = jax.ShapeDtypeStruct(z.shape, z.dtype)
+    return z
+
+  jax.eval_shape(lambda p, b: _run_intercepted(model, p, b, record), params, batch)
+  return shapes
+
+
+def capture(model: EditableModel, params, batch: Mapping[str, jax.Array],
+            loss_fn: Callable | None = None) -> Capture:
+  """Loss, u and delta of every editable layer of `model` on `batch` (jittable).
+
+  loss_fn(logits, batch) -> scalar defaults to the task's token-mean NLL.
+  """
+  if loss_fn is None:
+    loss_fn = lambda logits, b: losses.nll(model.task, logits, b)
+  shapes = output_shapes(model, params, batch)
+  eps = {p: jnp.zeros(s.shape, s.dtype) for p, s in shapes.items()}
+
+  def forward(eps):
+    us: dict[str, jax.Array] = {}
+
+    def perturb(path, u, z):
+      us[path] = u
+      return z + eps[path]
+
+    logits = _run_intercepted(model, params, batch, perturb)
+    return loss_fn(logits, batch), (logits, us)
+
+  loss, vjp, (logits, us) = jax.vjp(forward, eps, has_aux=True)
+  (deltas,) = vjp(jnp.ones_like(loss))
+  us = {p: jax.lax.stop_gradient(u) for p, u in us.items()}
+  deltas = {p: jax.lax.stop_gradient(d) for p, d in deltas.items()}
+  for layer in model.layers:
+    u, d = us[layer.path], deltas[layer.path]
+    if u.shape[-1] != layer.d_in or d.shape[-1] != layer.d_out:
+      raise ValueError(
+          f"layer {layer.path}: captured u {u.shape} / delta {d.shape} do not match the kernel's "
+          f"(d_in={layer.d_in}, d_out={layer.d_out}) for layout {layer.layout!r}")
+  return Capture(loss, logits, us, deltas)
+
+
+def token_mask(u: jax.Array, delta: jax.Array) -> jax.Array:
+  """[..., T] bool: tokens whose u and delta are both non-zero (the only ones that carry gradient).
+
+  Derived from the data, not the attention mask: delta is exactly zero wherever no scored
+  prediction depends on the position (padding; in the last block of a causal LM, every position
+  that predicts no label)."""
+  return jnp.any(u != 0, axis=-1) & jnp.any(delta != 0, axis=-1)
+
+
+def rank1_sum(u: jax.Array, delta: jax.Array, layout: str) -> jax.Array:
+  """sum_t delta_t u_t^T in the kernel's own orientation. u: [..., d_in], delta: [..., d_out]."""
+  u2 = u.reshape(-1, u.shape[-1])
+  d2 = delta.reshape(-1, delta.shape[-1])
+  if layout == "in_out":
+    return u2.T @ d2  # [d_in, d_out]
+  return d2.T @ u2  # [d_out, d_in]

@@ -1,0 +1,338 @@
+"""Prompt/target records to fixed-shape causal-LM batches, and per-step sampling.
+
+A record (zsRE-like, the synthetic benchmark's format) has:
+  src (edit prompt), alt (edit target), rephrase (paraphrase of src), loc (unrelated prompt),
+  loc_ans (its answer), answers (the original answers).
+For each record we build three examples, prompt + " " + target:
+  edit  = (src, alt), equiv = (rephrase, alt), loc = (loc, loc_ans).
+Tokens: [bos] + prompt + target, right-padded to `max_len`; labels are -100 except at the target
+tokens (so the loss and edit success read the target only); `kl_mask` marks the positions that
+predict the locality answer (the locality KL is taken there).
+
+Other tasks (`EditData.from_records(task=...)`, the model's task): seq2seq (T5, BART) and binary
+(BERT: alt and loc_ans are int labels in {0, 1}) read the same fields; "generation" (Wikitext, a
+causal LM) reads src (a text whose last n_tokens tokens are the edit target), n_tokens and loc (a
+held-out text). `encode_seq2seq`, `encode_binary`, `encode_continuations` and `encode_texts` say
+which tokens each loss and metric reads.
+
+Batches are fixed-shape so that nothing recompiles; sampling at step s depends only on (seed, s),
+so a resumed run sees exactly the data order of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from mend_jax.losses import IGNORE
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+  """input_ids, attention_mask, labels, kl_mask: [N, max_len] int32 arrays.
+
+  By task (see `encode_seq2seq`, `encode_binary`): seq2seq adds decoder_input_ids and
+  decoder_attention_mask [N, max_len] (labels and kl_mask are then over decoder positions);
+  binary has labels [N] in {0, 1} and no kl_mask. Fields that are None are left out of batches.
+  """
+
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  labels: np.ndarray
+  kl_mask: np.ndarray | None = None
+  decoder_input_ids: np.ndarray | None = None
+  decoder_attention_mask: np.ndarray | None = None
+
+  def take(self, idx) -> dict[str, np.ndarray]:
+    """The rows idx as a batch dict, with read_pos/read_mask (see `read_positions`) for sequence
+    targets; their width P is fixed per array set, so every batch of it has the same shapes."""
+    out = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
+           if getattr(self, f.name) is not None}
+    if self._read is not None:
+      out["read_pos"], out["read_mask"] = self._read[0][idx], self._read[1][idx]
+    return out
+
+  @functools.cached_property
+  def _read(self):
+    labels = getattr(self, "labels")
+    if labels.ndim != 2:
+      return None  # binary: one prediction per example
+    return read_positions(labels, getattr(self, "kl_mask", None),
+                          seq2seq=getattr(self, "decoder_input_ids", None) is not None)
+
+  def __len__(self):
+    return self.input_ids.shape[0]
+
+
+def read_positions(labels: np.ndarray, kl_mask: np.ndarray | None = None, seq2seq: bool = False):
+  """The positions whose logits some loss or metric reads, per row: (read_pos, read_mask), [N,P].
+
+  A position is read if it predicts a scored label (causal LM: labels[t+1] != -100; seq2seq:
+  labels[t] != -100, decoder positions) or if kl_mask[t] is set (the locality KL reads it).
+  P is the largest count over the rows (at least 1); shorter rows are padded with position 0 and
+  read_mask 0. With batch["read_pos"] the model computes its vocabulary projection only there."""
+  scored = labels != IGNORE
+  if not seq2seq:
+    scored = np.concatenate([scored[:, 1:], np.zeros_like(scored[:, :1])], axis=1)
+  if kl_mask is not None:
+    scored = scored | (kl_mask != 0)
+  counts = scored.sum(1)
+  p = max(int(counts.max(initial=0)), 1)
+  # A stable sort puts the read positions first, in order.
+  order = np.argsort(~scored, axis=1, kind="stable")[:, :p]
+  mask = np.arange(p)[None, :] < counts[:, None]
+  return np.where(mask, order, 0).astype(np.int32), mask.astype(np.int32)
+
+
+def _bos(tokenizer) -> list[int]:
+  b = tokenizer.bos_token_id
+  return [] if b is None else [int(b)]
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_len: int,
+                 what: str = "examples") -> Tokenized:
+  """Tokenises prompt + " " + target pairs into one fixed-length causal-LM array set."""
+  if len(prompts) != len(targets):
+    raise ValueError(f"{what}: {len(prompts)} prompts but {len(targets)} targets")
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  n = len(prompts)
+  ids = np.full((n, max_len), pad if pad is not None else 0, np.int32)
+  attn = np.zeros((n, max_len), np.int32)
+  labels = np.full((n, max_len), IGNORE, np.int32)
+  kl = np.zeros((n, max_len), np.int32)
+  for i, (p, t) in enumerate(zip(prompts, targets)):
+    if not str(t).strip():
+      raise ValueError(f"{what}[{i}]: the target for prompt {p!r} is empty")
+    p_ids = _bos(tokenizer) + tokenizer.encode(str(p), add_special_tokens=False)
+    t_ids = tokenizer.encode(" " + str(t).strip(), add_special_tokens=False)
+    if not t_ids:
+      raise ValueError(f"{what}[{i}]: the target {t!r} tokenises to nothing")
+    seq = p_ids + t_ids
+    if len(seq) > max_len:
+      raise ValueError(
+          f"{what}[{i}]: prompt + target is {len(seq)} tokens, longer than max_len={max_len} "
+          f"(prompt {p!r}, target {t!r}); raise data.max_len (at most the model's context)")
+    ids[i, : len(seq)] = seq
+    attn[i, : len(seq)] = 1
+    labels[i, len(p_ids): len(seq)] = t_ids
+    kl[i, len(p_ids) - 1: len(seq) - 1] = 1  # the positions that predict the target tokens
+  return Tokenized(ids, attn, labels, kl)
+
+
+def _pad_id(tokenizer) -> int:
+  """The padding id: the pad token, else eos (GPT-2 has no pad token; padded positions are masked
+  by attention_mask and labels everywhere, so the value never matters), else 0."""
+  for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+    if t is not None:
+      return int(t)
+  return 0
+
+
+def _ids(tokenizer, text: str, max_len: int) -> list[int]:
+  """text with the tokenizer's own special tokens (T5: + </s>; BART: <s> + .. + </s>; BERT:
+  [CLS] + .. + [SEP]), truncated to max_len as the official code does."""
+  return list(tokenizer(str(text), add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"])
+
+
+def encode_seq2seq(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_len: int,
+                   decoder_start_id: int, what: str = "examples") -> Tokenized:
+  """Prompt/target pairs for an encoder-decoder (T5, BART): all arrays [N, max_len] int32.
+
+  input_ids/attention_mask: the prompt with special tokens, truncated to max_len (official);
+  decoder_input_ids = [decoder_start_id] + target, labels = target + [eos] at the same decoder
+  positions (logits[:, t] predicts labels[:, t]; -100 elsewhere), decoder_attention_mask over them.
+  Every target token and the eos count in the loss and in exact match; kl_mask marks the same
+  positions (seq2seq locality: KL at each answer token given its prefix). A target that does not
+  fit (its tokens + eos > max_len) is an error, never truncated.
+  """
+  if len(prompts) != len(targets):
+    raise ValueError(f"{what}: {len(prompts)} prompts but {len(targets)} targets")
+  eos = tokenizer.eos_token_id
+  if eos is None:
+    raise ValueError(f"{what}: the tokenizer has no eos token, which seq2seq targets end with")
+  n = len(prompts)
+  pad = _pad_id(tokenizer)
+  ids = np.full((n, max_len), pad, np.int32)
+  attn = np.zeros((n, max_len), np.int32)
+  dec = np.full((n, max_len), pad, np.int32)
+  dec_attn = np.zeros((n, max_len), np.int32)
+  labels = np.full((n, max_len), IGNORE, np.int32)
+  for i, (p, t) in enumerate(zip(prompts, targets)):
+    if not str(p).strip() or not str(t).strip():
+      raise ValueError(f"{what}[{i}]: empty prompt or target (prompt {p!r}, target {t!r})")
+    p_ids = _ids(tokenizer, p, max_len)
+    t_ids = tokenizer.encode(str(t).strip(), add_special_tokens=False)
+    if len(t_ids) + 1 > max_len:
+      raise ValueError(f"{what}[{i}]: target {t!r} is {len(t_ids)} tokens + eos, longer than "
+                       f"max_len={max_len}; raise data.max_len")
+    ids[i, : len(p_ids)] = p_ids
+    attn[i, : len(p_ids)] = 1
+    m = len(t_ids) + 1
+    dec[i, :m] = [int(decoder_start_id)] + t_ids
+    dec_attn[i, :m] = 1
+    labels[i, :m] = t_ids + [eos]
+  kl = (labels != IGNORE).astype(np.int32)
+  return Tokenized(ids, attn, labels, kl, dec, dec_attn)
+
+
+def encode_binary(tokenizer, texts: Sequence[str], labels: Sequence[int], max_len: int,
+                  what: str = "examples") -> Tokenized:
+  """Texts with binary labels for a classifier (BERT): input_ids/attention_mask [N, max_len] (the
+  text with special tokens, truncated to max_len as the official code does), labels [N] int32 in
+  {0, 1}. The single logit is the prediction: loss = Bernoulli NLL, success = (logit > 0) == label,
+  locality = closed-form Bernoulli KL; no kl_mask."""
+  if len(texts) != len(labels):
+    raise ValueError(f"{what}: {len(texts)} texts but {len(labels)} labels")
+  n = len(texts)
+  ids = np.full((n, max_len), _pad_id(tokenizer), np.int32)
+  attn = np.zeros((n, max_len), np.int32)
+  y = np.zeros((n,), np.int32)
+  for i, (t, lab) in enumerate(zip(texts, labels)):
+    if not str(t).strip():
+      raise ValueError(f"{what}[{i}]: empty text")
+    if isinstance(lab, bool) or lab in (0, 1):
+      y[i] = int(lab)
+    else:
+      raise ValueError(f"{what}[{i}]: label {lab!r} is not 0 or 1")
+    t_ids = _ids(tokenizer, t, max_len)
+    ids[i, : len(t_ids)] = t_ids
+    attn[i, : len(t_ids)] = 1
+  return Tokenized(ids, attn, y)
+
+
+def encode_continuations(tokenizer, texts: Sequence[str], n_tokens: Sequence[int], max_len: int,
+                         drop_seed: int | None = None, what: str = "examples") -> Tokenized:
+  """Texts whose last n_tokens[i] tokens are the edit target (Wikitext generation, causal LM).
+
+  Tokens: the whole text, no bos (as the official code), left-truncated to max_len so the target
+  always survives; labels = the last n_tokens real tokens (-100 on the context and padding); the
+  loss and exact match read those only; kl_mask marks the positions that predict them.
+  With drop_seed (the paraphrase view): a prefix of k real tokens is dropped first, k uniform in
+  0..(len - n_tokens) // 2 and seeded by (drop_seed, i) (the official code draws k per batch).
+  """
+  if len(texts) != len(n_tokens):
+    raise ValueError(f"{what}: {len(texts)} texts but {len(n_tokens)} n_tokens")
+  n = len(texts)
+  ids = np.full((n, max_len), _pad_id(tokenizer), np.int32)
+  attn = np.zeros((n, max_len), np.int32)
+  labels = np.full((n, max_len), IGNORE, np.int32)
+  kl = np.zeros((n, max_len), np.int32)
+  for i, (text, k) in enumerate(zip(texts, n_tokens)):
+    k = int(k)
+    seq = tokenizer.encode(str(text), add_special_tokens=False)
+    if k < 1 or len(seq) <= k:
+      raise ValueError(f"{what}[{i}]: text of {len(seq)} tokens cannot hold a context plus the "
+                       f"last n_tokens={k} target tokens ({str(text)[:60]!r})")
+    if k >= max_len:
+      raise ValueError(f"{what}[{i}]: n_tokens={k} leaves no context within max_len={max_len}")
+    if drop_seed is not None:
+      drop = int(np.random.default_rng([drop_seed, i]).integers(0, (len(seq) - k) // 2 + 1))
+      seq = seq[drop:]
+    seq = seq[-max_len:]
+    m = len(seq)
+    ids[i, :m] = seq
+    attn[i, :m] = 1
+    labels[i, m - k: m] = seq[m - k:]
+    kl[i, m - k - 1: m - 1] = 1
+  return Tokenized(ids, attn, labels, kl)
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_len: int, what: str = "examples") -> Tokenized:
+  """Held-out texts for the generation locality loss: tokens (no bos) truncated to max_len;
+  labels = every real token (the first is never predicted, so is not scored); kl_mask =
+  attention_mask, so the locality KL is taken at every non-pad token."""
+  n = len(texts)
+  ids = np.full((n, max_len), _pad_id(tokenizer), np.int32)
+  attn = np.zeros((n, max_len), np.int32)
+  labels = np.full((n, max_len), IGNORE, np.int32)
+  for i, text in enumerate(texts):
+    seq = tokenizer.encode(str(text), add_special_tokens=False)[:max_len]
+    if len(seq) < 2:
+      raise ValueError(f"{what}[{i}]: text {str(text)[:60]!r} has {len(seq)} tokens; need at least 2")
+    ids[i, : len(seq)] = seq
+    attn[i, : len(seq)] = 1
+    labels[i, : len(seq)] = seq
+  return Tokenized(ids, attn, labels, attn.copy())
+
+
+REQUIRED = ("src", "alt", "rephrase", "loc", "loc_ans")
+# Record fields each data task needs (see EditData.from_records).
+TASK_FIELDS = {
+    "causal_lm": REQUIRED,
+    "seq2seq": REQUIRED,
+    "binary": REQUIRED,  # alt and loc_ans are int labels in {0, 1}
+    "generation": ("src", "n_tokens", "loc"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EditData:
+  """The tokenised views of a list of records, index-aligned."""
+
+  edit: Tokenized
+  equiv: Tokenized
+  loc: Tokenized
+  records: tuple
+
+  def __len__(self):
+    return len(self.records)
+
+  @classmethod
+  def from_records(cls, records: Sequence[Mapping], tokenizer, max_len: int, name: str = "records",
+                   task: str = "causal_lm", decoder_start_id: int | None = None, seed: int = 0):
+    """Tokenises records for the model's task (`EditableModel.task`, or "generation").
+
+    causal_lm: `encode_pairs` (prompt + " " + target); seq2seq: `encode_seq2seq` (needs
+    decoder_start_id, the model config's decoder_start_token_id); binary: `encode_binary` with
+    alt / loc_ans as int labels; generation (a causal LM editing text continuations, Wikitext):
+    edit = `encode_continuations` of src with its last n_tokens as the target, equiv = the same
+    with a seeded random prefix dropped, loc = `encode_texts` of loc.
+    """
+    if task not in TASK_FIELDS:
+      raise ValueError(f"{name}: task must be one of {sorted(TASK_FIELDS)}, got {task!r}")
+    if not records:
+      raise ValueError(f"{name}: no records")
+    for i, r in enumerate(records):
+      missing = [k for k in TASK_FIELDS[task] if k not in r or r[k] is None or r[k] == ""]
+      if missing:
+        raise ValueError(f"{name}[{i}]: missing or empty field(s) {missing}")
+    col = lambda k: [r[k] for r in records]
+    if task == "causal_lm":
+      enc = lambda p, t, what: encode_pairs(tokenizer, col(p), col(t), max_len, f"{name} {what}")
+    elif task == "seq2seq":
+      if decoder_start_id is None:
+        raise ValueError(f"{name}: seq2seq encoding needs decoder_start_id (the model config's "
+                         "decoder_start_token_id: T5 0, BART 2)")
+      enc = lambda p, t, what: encode_seq2seq(tokenizer, col(p), col(t), max_len, decoder_start_id,
+                                              f"{name} {what}")
+    elif task == "binary":
+      enc = lambda p, t, what: encode_binary(tokenizer, col(p), col(t), max_len, f"{name} {what}")
+    else:
+      texts, n_tok = col("src"), col("n_tokens")
+      return cls(
+          edit=encode_continuations(tokenizer, texts, n_tok, max_len, None, f"{name} edit"),
+          equiv=encode_continuations(tokenizer, texts, n_tok, max_len, seed, f"{name} paraphrase"),
+          loc=encode_texts(tokenizer, col("loc"), max_len, f"{name} locality"),
+          records=tuple(records),
+      )
+    return cls(
+        edit=enc("src", "alt", "edit"),
+        equiv=enc("rephrase", "alt", "paraphrase"),
+        loc=enc("loc", "loc_ans", "locality"),
+        records=tuple(records),
+    )
+
+  def batch(self, idx, loc_idx=None) -> dict[str, dict[str, np.ndarray]]:
+    """{"edit", "equiv", "loc"} batches for the records at idx (locality rows loc_idx, default idx)."""
+    loc_idx = idx if loc_idx is None else loc_idx
+    return {"edit": self.edit.take(idx), "equiv": self.equiv.take(idx), "loc": self.loc.take(loc_idx)}
+
+  def sample(self, seed: int, step: int, n_edits: int, n_loc: int):
+    """The training batch of `step`: a pure function of (seed, step)."""
+    rng = np.random.default_rng([seed, step])
+    idx = rng.choice(len(self), size=n_edits, replace=len(self) < n_edits)
+    loc_idx = rng.choice(len(self), size=n_loc, replace=len(self) < n_loc)
+    return self.batch(idx, loc_idx)

@@ -1,0 +1,221 @@
+"""MEND: pseudo-gradients from the captured u and delta, and the pure edit function.
+
+Per edited layer l, with u, delta from `capture` and mask = tokens where both are non-zero:
+  1. u_n, delta_n = normalise(u), normalise(delta) with the running statistics of l's editor;
+  2. (u~, delta~) = g_l(u_n, delta_n), g_l the editor for l's weight shape, in mode l;
+  3. grad~_l = sum over masked tokens (all edits of the batch) of delta~_t u~_t^T;
+  4. W~_l = W_l - alpha_l * grad~_l.
+Only the editable leaves change; every other leaf of the returned tree is the input leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from mend_jax import capture as capture_lib
+from mend_jax import losses, tree
+from mend_jax import stats as stats_lib
+from mend_jax.editors.base import Editor, EditorState
+from mend_jax.editors.mend_net import MENDConfig, MENDNet
+from mend_jax.models import EditableModel
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """Layers that share one editor network. layer_ids index model.layers; a layer's mode is its
+  position in layer_ids."""
+
+  key: str
+  layer_ids: tuple[int, ...]
+  d_in: int
+  d_out: int
+
+
+def make_groups(model: EditableModel, shared: bool) -> tuple[Group, ...]:
+  """One group per distinct (d_in, d_out) of the editable layers (shared), or one per layer."""
+  groups: dict[str, list[int]] = {}
+  for i, layer in enumerate(model.layers):
+    groups.setdefault(layer.shape_key if shared else f"layer{i}", []).append(i)
+  return tuple(Group(k, tuple(ids), model.layers[ids[0]].d_in, model.layers[ids[0]].d_out)
+               for k, ids in groups.items())
+
+
+class MEND(Editor):
+  """A MEND editor for one model and one set of editable layers.
+
+  State: EditorState(params={"net": {group: network params}, "alpha": [n_layers] learned steps},
+  aux={group: {"u": RunningStats, "delta": RunningStats}}), the normalisation statistics.
+
+  Usage:
+    editor = MEND(model, MENDConfig(rank=64))
+    state = editor.init(jax.random.PRNGKey(0))
+    new_params, info = editor.jit_edit(state, params, batch)
+  """
+
+  name = "mend"
+  config_class = MENDConfig
+  learned = True
+  static_edit_args = ("diagnostics",)
+
+  def __init__(self, model: EditableModel, cfg: MENDConfig = MENDConfig()):
+    super().__init__(model, cfg)
+    self.groups = make_groups(model, cfg.shared)
+    self.nets = {g.key: MENDNet(cfg, n_modes=len(g.layer_ids)) for g in self.groups}
+
+  # ---------------------------------------------------------------- state
+  def init(self, rng: jax.Array, base_params=None) -> EditorState:
+    """Identity-initialised networks, alpha = edit_lr, empty statistics (base_params unused)."""
+    del base_params
+    nets = {}
+    for i, g in enumerate(self.groups):
+      u = jnp.zeros((1, g.d_in), jnp.float32)
+      d = jnp.zeros((1, g.d_out), jnp.float32)
+      nets[g.key] = self.nets[g.key].init(jax.random.fold_in(rng, i), u, d, jnp.zeros((1,), jnp.int32))["params"]
+    alpha = jnp.full((len(self.model.layers),), self.cfg.edit_lr, jnp.float32)
+    st = {g.key: {"u": stats_lib.init(g.d_in), "delta": stats_lib.init(g.d_out)} for g in self.groups}
+    return EditorState({"net": nets, "alpha": alpha}, st)
+
+  # ---------------------------------------------------------------- pieces
+  def capture(self, params, batch) -> capture_lib.Capture:
+    """u [B,T,d_in] and delta [B,T,d_out] of the editable layers for the edit loss: the sum over the batch's edits of
+    each edit's token-mean NLL, so one edit's delta has the same scale whatever k edits share the
+    batch (`losses.nll_per_edit_sum`; the official code's batch token mean scales it by 1/k)."""
+    task = self.model.task
+    cap = capture_lib.capture(self.model, params, batch,
+                              loss_fn=lambda logits, b: losses.nll_per_edit_sum(task, logits, b))
+    local = self.model.head_local_paths
+    if "read_pos" not in batch or not local:
+      return cap
+    # The last block's MLP feeds the head position by position: its delta is exactly zero off
+    # the read positions, so only those rows (B x P instead of B x T) go through the editor.
+    # Padding slots of read_pos (read_mask 0) repeat position 0 and are zeroed.
+    pos = batch["read_pos"].astype(jnp.int32)[:, :, None]
+    keep = (batch["read_mask"] != 0)[:, :, None]
+    rows = lambda x: jnp.where(keep, jnp.take_along_axis(x, pos, axis=1), 0)
+    u = {p: rows(x) if p in local else x for p, x in cap.u.items()}
+    delta = {p: rows(x) if p in local else x for p, x in cap.delta.items()}
+    return cap._replace(u=u, delta=delta)
+
+  def masks(self, cap: capture_lib.Capture) -> dict[str, jax.Array]:
+    """{path: [B,T] bool}: the rows of each layer that take part (u and delta both non-zero)."""
+    return {l.path: capture_lib.token_mask(cap.u[l.path], cap.delta[l.path]) for l in self.model.layers}
+
+  def update_stats(self, stats: dict, cap: capture_lib.Capture) -> dict:
+    """Statistics with this batch's masked u and delta rows added (pooled over each group's layers)."""
+    masks = self.masks(cap)
+    new = {}
+    for g in self.groups:
+      s_u, s_d = stats[g.key]["u"], stats[g.key]["delta"]
+      for i in g.layer_ids:
+        p = self.model.layers[i].path
+        s_u = stats_lib.update(s_u, cap.u[p], masks[p])
+        s_d = stats_lib.update(s_d, cap.delta[p], masks[p])
+      new[g.key] = {"u": s_u, "delta": s_d}
+    return new
+
+  def pseudo_factors(self, net_params: dict, stats: dict, cap: capture_lib.Capture):
+    """{path: (u~ [N, d_in], delta~ [N, d_out])}, N = all token rows of the layer, masked rows zero.
+
+    The rows of every layer of a group go through the group's network in one call, each row
+    tagged with its layer's mode."""
+    masks = self.masks(cap)
+    out = {}
+    for g in self.groups:
+      paths = [self.model.layers[i].path for i in g.layer_ids]
+      us = [cap.u[p].reshape(-1, g.d_in).astype(jnp.float32) for p in paths]
+      ds = [cap.delta[p].reshape(-1, g.d_out).astype(jnp.float32) for p in paths]
+      sizes = [u.shape[0] for u in us]
+      u_all, d_all = jnp.concatenate(us), jnp.concatenate(ds)
+      modes = jnp.concatenate([jnp.full((n,), m, jnp.int32) for m, n in enumerate(sizes)])
+      mask = jnp.concatenate([masks[p].reshape(-1) for p in paths])[:, None].astype(jnp.float32)
+      if self.cfg.norm:
+        u_all = stats_lib.normalize(stats[g.key]["u"], u_all)
+        d_all = stats_lib.normalize(stats[g.key]["delta"], d_all)
+      u_t, d_t = self.nets[g.key].apply({"params": net_params[g.key]}, u_all, d_all, modes)
+      # Masked rows (padding, no gradient) take no part in the update.
+      u_t, d_t = u_t * mask, d_t * mask
+      bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+      for k, p in enumerate(paths):
+        out[p] = (u_t[bounds[k]:bounds[k + 1]], d_t[bounds[k]:bounds[k + 1]])
+    return out
+
+  def apply_updates(self, editor_params: dict, stats: dict, model_params, cap: capture_lib.Capture,
+                    diagnostics: bool = False):
+    """New model params from a capture, and info (see `edit`)."""
+    factors = self.pseudo_factors(editor_params["net"], stats, cap)
+    kernels = tree.get_leaves(model_params, self.model.layer_paths)
+    sign = -1.0 if self.cfg.descent else 1.0
+    new, upd_norm = {}, []
+    for i, layer in enumerate(self.model.layers):
+      u_t, d_t = factors[layer.path]
+      g = capture_lib.rank1_sum(u_t, d_t, layer.layout)
+      step = editor_params["alpha"][i] * g
+      new[layer.path] = kernels[layer.path] + sign * step.astype(kernels[layer.path].dtype)
+      upd_norm.append(jnp.linalg.norm(step))
+    masks = self.masks(cap)
+    info = {
+        "loss_before": cap.loss,
+        "update_norm": jnp.stack(upd_norm),
+        "n_tokens": jnp.stack([jnp.sum(masks[l.path]) for l in self.model.layers]).astype(jnp.float32),
+    }
+    if diagnostics:
+      gn, cos = [], []
+      for layer in self.model.layers:
+        u_t, d_t = factors[layer.path]
+        true_g = capture_lib.rank1_sum(cap.u[layer.path], cap.delta[layer.path], layer.layout)
+        pseudo = capture_lib.rank1_sum(u_t, d_t, layer.layout)
+        gn.append(jnp.linalg.norm(true_g))
+        cos.append(jnp.sum(true_g * pseudo) / (jnp.linalg.norm(true_g) * jnp.linalg.norm(pseudo) + 1e-30))
+      info["grad_norm"], info["grad_cos"] = jnp.stack(gn), jnp.stack(cos)
+    return tree.replace_leaves(model_params, new), info
+
+  # ---------------------------------------------------------------- the edit
+  def edit(self, state: EditorState, params, batch: Mapping[str, jax.Array], diagnostics: bool = False):
+    """Edits `params` so the model fits `batch` (one or k edits; their updates are summed).
+
+    Args:
+      state: the editor's state (networks, alpha, statistics).
+      params: the model's parameters.
+      batch: an edit batch in the model's format (`mend_jax.models`), k edits of length T.
+      diagnostics: also compare each layer's pseudo-gradient with the true gradient.
+    Returns:
+      (new_params, info), info = {loss_before: [], update_norm: [L] (Frobenius norm of
+      alpha_l * grad~_l), n_tokens: [L] rows that took part; with diagnostics also grad_norm: [L]
+      of the true gradient and grad_cos: [L] cosine between true gradient and grad~}. Pure:
+      compose it with jax.jit / jax.vmap freely (`jit_edit` is the jitted form).
+    """
+    cap = self.capture(params, batch)
+    return self.apply_updates(state.params, state.aux, params, cap, diagnostics)
+
+  def edit_for_training(self, editor_params: dict, stats: dict, params, batch):
+    """The training-time edit: statistics first absorb this edit batch (as in the official code),
+    then the edit uses them. Returns (new_params, new_stats, info); differentiable wrt editor_params."""
+    cap = self.capture(params, batch)
+    new_stats = self.update_stats(stats, cap) if self.cfg.norm else stats
+    new_params, info = self.apply_updates(editor_params, new_stats, params, cap)
+    return new_params, new_stats, info
+
+  # ---------------------------------------------------------------- training
+  def param_labels(self, train_params: dict) -> dict:
+    """The networks train with lr ("net"); the per-layer steps alpha with lr_lr ("alpha")."""
+    return {"net": jax.tree_util.tree_map(lambda _: "net", train_params["net"]), "alpha": "alpha"}
+
+  def loss(self, train_params: dict, aux: dict, base_params, batch, objective: losses.Objective,
+           train: bool = True):
+    """Algorithm 1's loss of one micro-batch {"edit", "equiv", "loc"}: edit with batch["edit"],
+    then objective.c_edit * L_e(equiv) + objective.c_loc * KL(p_base || p_edited)(loc).
+    Training (train=True) first absorbs the edit batch into the normalisation statistics (as the
+    official code); validation keeps them frozen. Returns (loss, (new_stats, metrics))."""
+    if train:
+      new_params, new_stats, info = self.edit_for_training(train_params, aux, base_params, batch["edit"])
+    else:
+      cap = self.capture(base_params, batch["edit"])
+      new_params, info = self.apply_updates(train_params, aux, base_params, cap)
+      new_stats = aux
+    loss, metrics = losses.post_edit_loss(self.model, new_params, base_params, batch, objective)
+    metrics.update(loss_before=info["loss_before"], update_norm=jnp.mean(info["update_norm"]))
+    return loss, (new_stats, metrics)

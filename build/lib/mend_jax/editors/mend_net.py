@@ -1,0 +1,130 @@
+"""MEND's config and network: a low-rank residual MLP that starts as the identity.
+
+One layer, on rows x: [N, d] with per-row mode m (the index of the edited layer among the layers
+that share this network; FiLM-style scale/offset per mode):
+    y = x + act(scale[m] * ((x V) U + b) + shift[m])
+with V: [d, r], U: [r, d], r = min(rank, d). U and b start at zero, scale at 1 and shift at 0, so
+every layer, and the whole network, is exactly the identity at initialisation.
+
+act is ReLU whose derivative at exactly 0 is 1 (torch.clamp(min=0) semantics): at initialisation
+every pre-activation is exactly 0, and with jax.nn.relu's derivative 0 there no gradient would ever
+reach U and the editor could never start training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def relu_grad1(x: jax.Array) -> jax.Array:
+  """max(x, 0) with d/dx = 1 at x == 0 (jnp.where picks the x branch there)."""
+  return jnp.where(x >= 0, x, jnp.zeros_like(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class MENDConfig:
+  """Hyperparameters of MEND (names follow the official config where they exist).
+
+  rank: rank r of U V (capped at the width). n_hidden: residual layers = n_hidden + 1.
+  v_init: "xavier_uniform" (this project's default) or "normal" (the official code: unscaled N(0,1)).
+  combine: one network on concat(u, delta) (official default). Otherwise separate networks, one of
+    them replaced by the identity with x_only / delta_only / one_sided (only the smaller side transformed).
+  shared: one network per distinct weight shape, FiLM scale/offset per layer (official default);
+    False gives every layer its own network.
+  norm: normalise u and delta with running statistics.
+  edit_lr: initial value of each layer's learned step alpha.
+  descent: W' = W - alpha * grad~ (the paper). False reproduces the official code's W + alpha * grad~.
+  """
+
+  rank: int = 1920
+  n_hidden: int = 1
+  v_init: str = "xavier_uniform"
+  combine: bool = True
+  x_only: bool = False
+  delta_only: bool = False
+  one_sided: bool = False
+  shared: bool = True
+  norm: bool = True
+  edit_lr: float = 1e-4
+  descent: bool = True
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise ValueError(f"MENDConfig.rank must be >= 1, got {self.rank}")
+    if self.n_hidden < 0:
+      raise ValueError(f"MENDConfig.n_hidden must be >= 0, got {self.n_hidden}")
+    if self.v_init not in ("xavier_uniform", "normal"):
+      raise ValueError(f"MENDConfig.v_init must be 'xavier_uniform' or 'normal', got {self.v_init!r}")
+    if sum([self.x_only, self.delta_only, self.one_sided]) > 1:
+      raise ValueError("MENDConfig: at most one of x_only, delta_only, one_sided may be set")
+    if self.combine and (self.x_only or self.delta_only or self.one_sided):
+      raise ValueError("MENDConfig.combine cannot be used with x_only, delta_only or one_sided")
+
+
+class LowRankResidual(nn.Module):
+  """y = x + act(scale[m] * ((x V) U + b) + shift[m]). x: [N, d], modes: [N] int."""
+
+  rank: int
+  n_modes: int
+  v_init: str = "xavier_uniform"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, modes: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    r = min(self.rank, d)
+    v_init = (nn.initializers.xavier_uniform() if self.v_init == "xavier_uniform"
+              else nn.initializers.normal(stddev=1.0))
+    v = self.param("v", v_init, (d, r), jnp.float32)
+    u = self.param("u", nn.initializers.zeros, (r, d), jnp.float32)
+    b = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+    scale = self.param("mode_scale", nn.initializers.ones, (self.n_modes, d), jnp.float32)
+    shift = self.param("mode_shift", nn.initializers.zeros, (self.n_modes, d), jnp.float32)
+    pre = (x @ v) @ u + b
+    pre = pre * scale[modes] + shift[modes]
+    return x + relu_grad1(pre)
+
+
+class ResidualMLP(nn.Module):
+  rank: int
+  n_layers: int
+  n_modes: int
+  v_init: str
+
+  @nn.compact
+  def __call__(self, x, modes):
+    for i in range(self.n_layers):
+      x = LowRankResidual(self.rank, self.n_modes, self.v_init, name=f"layer{i}")(x, modes)
+    return x
+
+
+class MENDNet(nn.Module):
+  """Maps (u, delta) rows to (pseudo-activations u~, pseudo-deltas delta~).
+
+  u: [N, d_in], delta: [N, d_out], modes: [N] int in [0, n_modes). Inputs already normalised.
+  """
+
+  cfg: MENDConfig
+  n_modes: int
+
+  @nn.compact
+  def __call__(self, u, delta, modes):
+    cfg = self.cfg
+    net = lambda name: ResidualMLP(cfg.rank, cfg.n_hidden + 1, self.n_modes, cfg.v_init, name=name)
+    if cfg.combine:
+      out = net("mlp")(jnp.concatenate([u, delta], -1), modes)
+      return out[:, : u.shape[-1]], out[:, u.shape[-1]:]
+    edit_u, edit_d = True, True
+    if cfg.x_only:
+      edit_d = False
+    elif cfg.delta_only:
+      edit_u = False
+    elif cfg.one_sided:
+      # As the official code: transform the smaller side (cheaper), pass the larger one through.
+      edit_u, edit_d = u.shape[-1] <= delta.shape[-1], u.shape[-1] > delta.shape[-1]
+    u_out = net("mlp_u")(u, modes) if edit_u else u
+    d_out = net("mlp_delta")(delta, modes) if edit_d else delta
+    return u_out, d_out

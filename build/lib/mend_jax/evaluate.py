@@ -1,0 +1,212 @@
+"""Evaluation of an editor on held-out edits: batched and sequential edits, and greedy answers.
+
+Metrics (teacher-forced exact match of every target token, as the paper; binary tasks: the sign
+of the logit agrees with the label):
+  edit_success:       the edited model gives the new target on the paraphrase x'_e;
+  reliability:        ... on the edit prompt x_e itself;
+  locality_acc_pre:   the unedited model gives the locality example's answer;
+  locality_acc_post:  the edited model still does;
+  locality_drawdown:  pre - post;
+  ppl_pre, ppl_post:  (sequence tasks) perplexity of the locality labels before / after the edit,
+                      exp of the token-mean NLL over all locality examples; ppl_drawdown = post - pre
+                      (the paper's drawdown for generation);
+  time_per_edit_s:    median wall time of the jitted edit (after compilation) / edits per batch;
+  peak_rss_gb:        the process's peak resident memory so far.
+
+Batched editing (`evaluate`): k test edits applied at once to the unedited model, for each
+consecutive group of k test records. Sequential editing (`evaluate_sequential`): k edits applied
+one after another to the same model (each from the model the previous one left); after edit j
+the success of edits 1..j is measured again (`retained_*` curves), and locality after all k.
+
+Every editor works here (`mend_jax.editors.base.Editor`); its `pre_edit_params(state,
+base_params)` gives the model its edits start from (ENN trains its own copy of the model).
+Tables and plots of the results are in `mend_jax.report`.
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mend_jax import editors, losses
+from mend_jax.data.batches import EditData
+from mend_jax.editors.base import Editor, EditorState
+
+
+def _peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def _scores(task, logits_fn, params, batch) -> dict:
+  """Per-example success [B] on equiv/edit/loc, and the locality NLL sums for perplexity."""
+  out = {
+      "edit_success": losses.exact_match(task, logits_fn(params, batch["equiv"]), batch["equiv"]),
+      "reliability": losses.exact_match(task, logits_fn(params, batch["edit"]), batch["edit"]),
+  }
+  loc_logits = logits_fn(params, batch["loc"])
+  out["locality_acc"] = losses.exact_match(task, loc_logits, batch["loc"])
+  if task != "binary":
+    logp, mask = losses.token_logprobs(task, loc_logits, batch["loc"])
+    out["loc_nll_sum"], out["loc_tokens"] = -jnp.sum(logp * mask), jnp.sum(mask)
+  return out
+
+
+@functools.lru_cache(maxsize=16)
+def make_eval_fn(editor: Editor):
+  """Jitted (state, base_params, batch) -> per-example arrays for one batch of k edits."""
+  task = editor.model.task
+
+  def fn(state, base_params, batch):
+    pre = editor.pre_edit_params(state, base_params)
+    new_params, _ = editor.edit(state, pre, batch["edit"])
+    before = _scores(task, editor.model.logits, pre, batch)
+    after = _scores(task, editor.model.logits, new_params, batch)
+    out = {"edit_success": after["edit_success"], "reliability": after["reliability"],
+           "locality_acc_pre": before["locality_acc"], "locality_acc_post": after["locality_acc"]}
+    if "loc_nll_sum" in after:
+      out.update(loc_nll_pre=before["loc_nll_sum"], loc_nll_post=after["loc_nll_sum"],
+                 loc_tokens=after["loc_tokens"])
+    return out
+
+  return jax.jit(fn)
+
+
+def _finish(out: dict, times: list, k: int, n: int) -> dict:
+  res = {key: float(np.mean(np.concatenate([np.atleast_1d(x) for x in v])))
+         for key, v in out.items() if not key.startswith("loc_")}
+  res["locality_drawdown"] = res["locality_acc_pre"] - res["locality_acc_post"]
+  if "loc_tokens" in out:
+    toks = float(np.sum(out["loc_tokens"]))
+    res["ppl_pre"] = float(np.exp(np.sum(out["loc_nll_pre"]) / max(toks, 1.0)))
+    res["ppl_post"] = float(np.exp(np.sum(out["loc_nll_post"]) / max(toks, 1.0)))
+    res["ppl_drawdown"] = res["ppl_post"] - res["ppl_pre"]
+  res["time_per_edit_s"] = float(np.median(times[1:] if len(times) > 1 else times)) / k
+  res["n_test_edits"] = n
+  res["edits_per_batch"] = k
+  res["peak_rss_gb"] = _peak_rss_gb()
+  return res
+
+
+def _n_edits(data: EditData, n_edits: int | None, k: int) -> int:
+  if k < 1:
+    raise ValueError(f"k (edits per batch or per sequence) must be >= 1, got {k}")
+  n = len(data) if n_edits is None else min(n_edits, len(data))
+  n = (n // k) * k
+  if n == 0:
+    raise ValueError(f"k={k} edits need at least {k} test records, have {min(len(data), n_edits or len(data))}")
+  return n
+
+
+def evaluate(editor: Editor, state: EditorState, base_params, data: EditData, n_edits: int | None = None,
+             k: int = 1) -> dict[str, Any]:
+  """Batched editing: k test edits at a time, each batch applied to the unedited model.
+
+  Returns the metrics of the module docstring averaged over the first n_edits records (all by
+  default; rounded down to a multiple of k), with n_test_edits, edits_per_batch and peak_rss_gb.
+  """
+  n = _n_edits(data, n_edits, k)
+  eval_fn, edit_fn = make_eval_fn(editor), editors.jit_edit(editor, from_base=True)
+  out: dict[str, list] = {}
+  times = []
+  for start in range(0, n, k):
+    batch = data.batch(np.arange(start, start + k))
+    for key, v in eval_fn(state, base_params, batch).items():
+      out.setdefault(key, []).append(np.asarray(v))
+    t0 = time.perf_counter()
+    jax.block_until_ready(edit_fn(state, base_params, batch["edit"]))
+    times.append(time.perf_counter() - t0)
+  return _finish(out, times, k, n)
+
+
+@functools.lru_cache(maxsize=16)
+def make_sequential_fn(editor: Editor):
+  """Jitted (state, base_params, batch of k records) -> curves: edits applied one by one (a scan);
+  after edit j, success on every record's paraphrase and edit input ([k, k]: step x record)."""
+  task = editor.model.task
+
+  def fn(state, base_params, batch):
+    pre = editor.pre_edit_params(state, base_params)
+    rows = jax.tree_util.tree_map(lambda x: x[:, None], batch["edit"])  # [k, 1, ...]: one edit per step
+
+    def step(params, row):
+      new, _ = editor.edit(state, params, row)
+      s = _scores(task, editor.model.logits, new, batch)
+      return new, (s["edit_success"], s["reliability"])
+
+    final, (es, rel) = jax.lax.scan(step, pre, rows)
+    before, after = _scores(task, editor.model.logits, pre, batch), _scores(task, editor.model.logits, final, batch)
+    out = {"es_curve": es, "rel_curve": rel, "locality_acc_pre": before["locality_acc"],
+           "locality_acc_post": after["locality_acc"]}
+    if "loc_nll_sum" in after:
+      out.update(loc_nll_pre=before["loc_nll_sum"], loc_nll_post=after["loc_nll_sum"], loc_tokens=after["loc_tokens"])
+    return out
+
+  return jax.jit(fn)
+
+
+def evaluate_sequential(editor: Editor, state: EditorState, base_params, data: EditData, k: int,
+                        n_edits: int | None = None) -> dict[str, Any]:
+  """Sequential editing: consecutive groups of k test records, each group's edits applied one
+  after another to one model. Returns, averaged over the groups:
+    edit_success / reliability: success of all k edits after the last one (retained);
+    retained_edit_success / retained_reliability: [k] curves, entry j = mean success of edits
+      1..j+1 right after edit j+1;
+    locality_* and ppl_*: after all k edits, against the unedited model."""
+  n = _n_edits(data, n_edits, k)
+  fn, edit_fn = make_sequential_fn(editor), editors.jit_edit(editor, from_base=True)
+  es_curves, rel_curves, out, times = [], [], {}, []
+  tri = np.tril(np.ones((k, k)))  # [step j, record i]: i <= j
+  for start in range(0, n, k):
+    batch = data.batch(np.arange(start, start + k))
+    t0 = time.perf_counter()
+    r = jax.device_get(fn(state, base_params, batch))
+    times.append((time.perf_counter() - t0))
+    es_curves.append((r["es_curve"] * tri).sum(1) / tri.sum(1))
+    rel_curves.append((r["rel_curve"] * tri).sum(1) / tri.sum(1))
+    for key in ("locality_acc_pre", "locality_acc_post", "loc_nll_pre", "loc_nll_post", "loc_tokens"):
+      if key in r:
+        out.setdefault(key, []).append(np.asarray(r[key]))
+  # Time per edit: single-edit jitted edits, as in batched evaluation with k = 1.
+  one = data.batch(np.arange(0, 1))["edit"]
+  edit_times = []
+  for _ in range(4):
+    t0 = time.perf_counter()
+    jax.block_until_ready(edit_fn(state, base_params, one))
+    edit_times.append(time.perf_counter() - t0)
+  res = _finish(out, edit_times, 1, n)
+  es, rel = np.mean(es_curves, 0), np.mean(rel_curves, 0)
+  res.update(edit_success=float(es[-1]), reliability=float(rel[-1]),
+             retained_edit_success=[float(x) for x in es], retained_reliability=[float(x) for x in rel],
+             edits_per_sequence=k, edits_per_batch=1, sequence_time_s=float(np.median(times)))
+  return res
+
+
+def evaluate_ks(editor: Editor, state: EditorState, base_params, data: EditData,
+                ks: Sequence[int] = (1, 5, 25, 125), n_edits: int | None = None, sequential: bool = True) -> dict:
+  """{"batched": {k: results}, "sequential": {k: results}} for each k that the data allows (a k
+  above the number of test edits is skipped, with a warning)."""
+  out: dict[str, dict] = {"batched": {}, "sequential": {}}
+  avail = len(data) if n_edits is None else min(n_edits, len(data))
+  for k in ks:
+    if k > avail:
+      logging.warning("k=%d: skipped, only %d test edits", k, avail)
+      continue
+    out["batched"][k] = evaluate(editor, state, base_params, data, n_edits, k)
+    logging.info("batched k=%d: %s", k, summary(out["batched"][k]))
+    if sequential:
+      out["sequential"][k] = evaluate_sequential(editor, state, base_params, data, k, n_edits)
+      logging.info("sequential k=%d: %s", k, summary(out["sequential"][k]))
+  return out
+
+
+def summary(r: dict) -> str:
+  """One line of the main metrics of a result dict."""
+  keys = ("edit_success", "reliability", "locality_drawdown", "ppl_drawdown", "time_per_edit_s")
+  return ", ".join(f"{key}={r[key]:.4f}" for key in keys if key in r)

@@ -1,0 +1,413 @@
+"""Model-family adapters for Hugging Face Flax models (transformers 4.x).
+
+An adapter (`Family`) says, for one family of models: which Flax class to build, which task loss
+applies, which MLP matrices the paper edits by default, and how the kernel is laid out. `load_model`
+and `model_from_config` return an `EditableModel`: the Hugging Face model object (module + config),
+its parameters, and the resolved list of editable layers. Parameters always travel separately from
+the model object, so every function over them is pure and jittable.
+
+Batches are dicts of arrays (see `mend_jax.losses` for the loss conventions):
+  causal_lm: input_ids [B,T] int, attention_mask [B,T], labels [B,T] int (-100 = not scored;
+             labels[:, t] is the token at position t, predicted from position t-1).
+  seq2seq:   input_ids [B,S], attention_mask [B,S], decoder_input_ids [B,T],
+             decoder_attention_mask [B,T], labels [B,T] (-100 = not scored; aligned with the
+             decoder positions, no shift).
+  binary:    input_ids [B,S], attention_mask [B,S], labels [B] in {0, 1}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+
+from mend_jax import compat, tree
+
+compat.patch_transformers_flax()
+
+Params = Mapping[str, Any]
+TASKS = ("causal_lm", "seq2seq", "binary")
+
+
+def _last(n: int, k: int) -> str:
+  """Regex alternation for the indices of the last k of n blocks."""
+  if n < 1:
+    raise ValueError(f"model has {n} blocks; need at least 1 to edit")
+  return "(" + "|".join(str(i) for i in range(max(0, n - k), n)) + ")"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What the project needs to know about one model family."""
+
+  name: str
+  model_types: tuple[str, ...]  # Hugging Face config.model_type values
+  flax_class: str  # name of the transformers Flax class
+  task: str  # one of TASKS
+  default_editable: Callable[[Any], tuple[str, ...]]  # hf config -> regexes over param paths
+  # GPT-2's FlaxConv1D stores its kernel as [out, in]; nn.Dense stores [in, out].
+  kernel_layout: str = "in_out"
+  # Decoder-only models get explicit position ids (cumsum of the mask) so left padding is safe.
+  needs_position_ids: bool = False
+  # Regex over parameter paths of the layers between which and the vocabulary projection every
+  # step is per position (the MLP of the last block of the stack that feeds lm_head): their
+  # delta is exactly zero except where logits are read, so MEND keeps only those rows.
+  head_local: Callable[[Any], str] | None = None
+
+
+def _gpt2_editable(c) -> tuple[str, ...]:
+  return (rf"^transformer/h/{_last(c.n_layer, 3)}/mlp/(c_fc|c_proj)/kernel$",)
+
+
+def _gpt_neo_editable(c) -> tuple[str, ...]:
+  return (rf"^transformer/h/{_last(c.num_layers, 3)}/mlp/(c_fc|c_proj)/kernel$",)
+
+
+def _gptj_editable(c) -> tuple[str, ...]:
+  return (rf"^transformer/h/{_last(c.n_layer, 3)}/mlp/(fc_in|fc_out)/kernel$",)
+
+
+def _t5_editable(c) -> tuple[str, ...]:
+  n_dec = c.num_decoder_layers or c.num_layers
+  # As in the paper: the input and output MLP matrices (wi or gated wi_0, and wo) of the last two
+  # encoder and last two decoder blocks; the FF sub-layer is layer/1 (encoder) and layer/2 (decoder).
+  return (
+      rf"^encoder/block/{_last(c.num_layers, 2)}/layer/1/DenseReluDense/(wi|wi_0|wo)/kernel$",
+      rf"^decoder/block/{_last(n_dec, 2)}/layer/2/DenseReluDense/(wi|wi_0|wo)/kernel$",
+  )
+
+
+def _bart_editable(c) -> tuple[str, ...]:
+  return (
+      rf"^model/encoder/layers/{_last(c.encoder_layers, 2)}/(fc1|fc2)/kernel$",
+      rf"^model/decoder/layers/{_last(c.decoder_layers, 2)}/(fc1|fc2)/kernel$",
+  )
+
+
+def _bert_editable(c) -> tuple[str, ...]:
+  # layer/N/output/dense (the MLP output), not layer/N/attention/output/dense.
+  return (rf"^bert/encoder/layer/{_last(c.num_hidden_layers, 3)}/(intermediate|output)/dense/kernel$",)
+
+
+def _llama_editable(c) -> tuple[str, ...]:
+  return (rf"^model/layers/{_last(c.num_hidden_layers, 3)}/mlp/(gate_proj|up_proj|down_proj)/kernel$",)
+
+
+def _head_local(fmt: str, n_attr: str) -> Callable[[Any], str]:
+  return lambda c: fmt.format(getattr(c, n_attr) - 1)
+
+
+_LLAMA_HEAD = _head_local(r"^model/layers/{}/mlp/", "num_hidden_layers")
+_T5_HEAD = lambda c: rf"^decoder/block/{(c.num_decoder_layers or c.num_layers) - 1}/layer/2/"
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("gpt2", ("gpt2",), "FlaxGPT2LMHeadModel", "causal_lm", _gpt2_editable, "out_in", True,
+               _head_local(r"^transformer/h/{}/mlp/", "n_layer")),
+        Family("gpt_neo", ("gpt_neo",), "FlaxGPTNeoForCausalLM", "causal_lm", _gpt_neo_editable,
+               needs_position_ids=True, head_local=_head_local(r"^transformer/h/{}/mlp/", "num_layers")),
+        Family("gptj", ("gptj",), "FlaxGPTJForCausalLM", "causal_lm", _gptj_editable,
+               needs_position_ids=True, head_local=_head_local(r"^transformer/h/{}/mlp/", "n_layer")),
+        Family("t5", ("t5",), "FlaxT5ForConditionalGeneration", "seq2seq", _t5_editable, head_local=_T5_HEAD),
+        Family("bart", ("bart",), "FlaxBartForConditionalGeneration", "seq2seq", _bart_editable,
+               head_local=_head_local(r"^model/decoder/layers/{}/fc[12]/", "decoder_layers")),
+        Family("bert", ("bert",), "FlaxBertForSequenceClassification", "binary", _bert_editable),
+        Family("llama", ("llama",), "FlaxLlamaForCausalLM", "causal_lm", _llama_editable,
+               needs_position_ids=True, head_local=_LLAMA_HEAD),
+        Family("mistral", ("mistral",), "FlaxMistralForCausalLM", "causal_lm", _llama_editable,
+               needs_position_ids=True, head_local=_LLAMA_HEAD),
+        Family("gemma", ("gemma",), "FlaxGemmaForCausalLM", "causal_lm", _llama_editable,
+               needs_position_ids=True, head_local=_LLAMA_HEAD),
+    )
+}
+
+
+def family_for_config(hf_config) -> Family:
+  model_type = getattr(hf_config, "model_type", None)
+  for fam in FAMILIES.values():
+    if model_type in fam.model_types:
+      return fam
+  raise ValueError(
+      f"model_type {model_type!r} is not supported; expected one of "
+      f"{sorted(t for f in FAMILIES.values() for t in f.model_types)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One editable weight matrix.
+
+  path: "/"-joined parameter path of the kernel, e.g. "transformer/h/5/mlp/c_fc/kernel".
+  module_path: the Flax module path whose __call__ computes z = W u + b (path minus "/kernel").
+  d_in, d_out: the layer's input and output widths (orientation-free).
+  layout: "in_out" (kernel [d_in, d_out]) or "out_in" (kernel [d_out, d_in]).
+  """
+
+  path: str
+  module_path: str
+  d_in: int
+  d_out: int
+  layout: str
+
+  @property
+  def shape_key(self) -> str:
+    """Layers with equal (d_in, d_out) share one editor network (the paper's parameter sharing)."""
+    return f"{self.d_in}x{self.d_out}"
+
+
+def _natural_key(path: str):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def resolve_layers(params: Params, regexes: Sequence[str], layout: str) -> tuple[Layer, ...]:
+  """Editable layers whose "/"-joined parameter path matches any regex, in natural order."""
+  if isinstance(regexes, str):
+    regexes = (regexes,)
+  compiled = []
+  for rx in regexes:
+    try:
+      compiled.append(re.compile(rx))
+    except re.error as e:
+      raise ValueError(f"editable regex {rx!r} is not a valid regular expression: {e}") from None
+  flat = tree.flatten(params)
+  # Order: by the first regex that matches (e.g. encoder before decoder), then natural path order.
+  matched = {}
+  for path in flat:
+    hits = [i for i, rx in enumerate(compiled) if rx.search(path)]
+    if hits:
+      matched[path] = hits[0]
+  layers = []
+  for path in sorted(matched, key=lambda p: (matched[p], _natural_key(p))):
+    kernel = flat[path]
+    if not path.endswith("/kernel") or getattr(kernel, "ndim", 0) != 2:
+      raise ValueError(
+          f"editable regexes {list(regexes)} matched {path!r} with shape {getattr(kernel, 'shape', None)}; "
+          "only 2-D '.../kernel' matrices of linear layers can be edited")
+    a, b = kernel.shape
+    d_in, d_out = (a, b) if layout == "in_out" else (b, a)
+    layers.append(Layer(path, path[: -len("/kernel")], int(d_in), int(d_out), layout))
+  if not layers:
+    sample = [p for p in flat if p.endswith("kernel")][:8]
+    raise ValueError(f"editable regexes {list(regexes)} matched no parameter; kernel paths look like {sample}")
+  return tuple(layers)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EditableModel:
+  """A Hugging Face Flax model plus the layers MEND edits. Hashed by identity (a static jit arg).
+
+  `params` is the model's own parameter tree (a convenience: every function takes params
+  explicitly, so edited copies never alias it).
+  """
+
+  hf_model: Any
+  family: Family
+  layers: tuple[Layer, ...]
+  params: Any = None
+
+  @property
+  def config(self):
+    return self.hf_model.config
+
+  @property
+  def task(self) -> str:
+    return self.family.task
+
+  @property
+  def max_length(self) -> int | None:
+    c = self.config
+    for name in ("n_positions", "max_position_embeddings"):
+      if getattr(c, name, None):
+        return int(getattr(c, name))
+    return None  # T5: relative positions, no hard limit
+
+  @property
+  def layer_paths(self) -> tuple[str, ...]:
+    return tuple(l.path for l in self.layers)
+
+  @property
+  def head_local_paths(self) -> frozenset[str]:
+    """Editable layers whose delta is non-zero only at positions whose logits are read."""
+    if self.family.head_local is None or self.task == "binary":
+      return frozenset()
+    rx = re.compile(self.family.head_local(self.config))
+    return frozenset(l.path for l in self.layers if rx.search(l.path))
+
+  def logits(self, params: Params, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Forward pass. Returns [B,T,V] (causal_lm), [B,T_dec,V] (seq2seq) or [B] (binary).
+
+    With batch["read_pos"] ([B,P] int, the positions a loss or metric reads; see
+    `mend_jax.data.read_positions`) a sequence model returns [B,P,V]: the vocabulary projection,
+    about half a token's forward cost on a small GPT-2, runs only there. The head's input is
+    gathered where the model calls its `lm_head`, which every supported family does.
+    """
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], params=params)
+    if self.task == "seq2seq":
+      kw.update(decoder_input_ids=batch["decoder_input_ids"],
+                decoder_attention_mask=batch["decoder_attention_mask"])
+    elif self.family.needs_position_ids:
+      kw["position_ids"] = position_ids(batch["attention_mask"])
+    if self.task == "binary" or "read_pos" not in batch:
+      out = self.hf_model(**kw).logits
+    else:
+      out = _logits_at(self.hf_model, kw, batch["read_pos"])
+    if self.task == "binary":
+      if out.shape[-1] != 1:
+        raise ValueError(f"binary task expects a classifier with num_labels=1, got logits {out.shape}")
+      out = out[..., 0]
+    return out
+
+  def with_layers(self, regexes: Sequence[str]) -> "EditableModel":
+    """The same model editing another set of layers."""
+    params = self.params if self.params is not None else self.hf_model.params
+    return dataclasses.replace(self, layers=resolve_layers(params, regexes, self.family.kernel_layout))
+
+
+def _logits_at(hf_model, kw, read_pos: jax.Array) -> jax.Array:
+  """hf_model(**kw).logits at positions read_pos [B,P] only: [B,P,V]."""
+  calls = []
+
+  def gather_head_input(next_fun, args, kwargs, context):
+    if context.method_name != "__call__" or context.module.name != "lm_head":
+      return next_fun(*args, **kwargs)
+    calls.append(1)
+    h = args[0]  # [B,T,D]
+    h = jnp.take_along_axis(h, read_pos[:, :, None].astype(jnp.int32), axis=1)
+    return next_fun(h, *args[1:], **kwargs)
+
+  with nn.intercept_methods(gather_head_input):
+    out = hf_model(**kw).logits
+  if len(calls) != 1:
+    raise ValueError(f"{type(hf_model).__name__}: expected one call of its lm_head, saw {len(calls)}; "
+                     f"drop batch['read_pos'] to compute logits at every position")
+  return out
+
+
+def position_ids(attention_mask: jax.Array) -> jax.Array:
+  """Positions counted over real tokens only, so left padding does not shift them. [B,T] int32."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _flax_class(family: Family):
+  return getattr(transformers, family.flax_class)
+
+
+def _wrap(hf_model, editable: Sequence[str] | None, params=None) -> EditableModel:
+  family = family_for_config(hf_model.config)
+  params = hf_model.params if params is None else params
+  regexes = tuple(editable) if editable else family.default_editable(hf_model.config)
+  layers = resolve_layers(params, regexes, family.kernel_layout)
+  return EditableModel(hf_model, family, layers, params)
+
+
+def model_from_config(hf_config, editable: Sequence[str] | None = None, seed: int = 0,
+                      dtype=jnp.float32) -> EditableModel:
+  """A randomly initialised model of the family given by `hf_config.model_type`."""
+  family = family_for_config(hf_config)
+  if family.task == "binary" and getattr(hf_config, "num_labels", 1) != 1:
+    hf_config.num_labels = 1
+  # Initialised under one jit: the eager init of the Flax classes keeps every temporary alive at
+  # once (about twice the parameters' memory at peak).
+  hf_model = _flax_class(family)(hf_config, seed=seed, dtype=dtype, _do_init=False)
+  init = jax.jit(hf_model.init_weights, static_argnums=1)
+  params = init(jax.random.PRNGKey(seed), hf_model.input_shape)
+  return _wrap(hf_model, editable, params)
+
+
+def load_model(name_or_path: str, editable: Sequence[str] | None = None, dtype=jnp.float32,
+               **kwargs) -> EditableModel:
+  """Loads pretrained weights by hub name or local directory (Flax msgpack or safetensors).
+
+  Raises a clear error when the path holds no model or the family is unsupported.
+  """
+  if os.path.sep in str(name_or_path) or str(name_or_path).startswith("."):
+    if not os.path.isdir(name_or_path):
+      raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
+  try:
+    config = transformers.AutoConfig.from_pretrained(name_or_path)
+  except (OSError, ValueError) as e:
+    raise FileNotFoundError(f"could not load a model config from {name_or_path!r}: {e}") from None
+  family = family_for_config(config)
+  if family.task == "binary":
+    kwargs.setdefault("num_labels", 1)
+  cls = _flax_class(family)
+  try:
+    hf_model = cls.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+  except OSError:
+    # Directories saved by PyTorch only hold pytorch_model.bin / model.safetensors in torch layout.
+    hf_model = cls.from_pretrained(name_or_path, dtype=dtype, from_pt=True, **kwargs)
+  return _wrap(hf_model, editable)
+
+
+# ---------------------------------------------------------------------------- batches
+
+BATCH_KEYS = {"causal_lm": ("input_ids", "attention_mask", "labels"),
+              "seq2seq": ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels"),
+              "binary": ("input_ids", "attention_mask", "labels")}
+
+
+def check_batch(model: EditableModel, batch: Mapping[str, Any]) -> None:
+  """Clear errors for a malformed edit batch, on the host, before anything reaches JAX.
+
+  Checks the keys the model's task needs (`BATCH_KEYS`), input_ids [batch, time], a length within
+  the model's context and, for sequence tasks, at least one scored label.
+  """
+  need = BATCH_KEYS[model.task]
+  missing = [k for k in need if k not in batch]
+  if missing:
+    raise ValueError(f"batch for a {model.task} model is missing {missing}; it has {sorted(batch)}")
+  ids = batch["input_ids"]
+  if getattr(ids, "ndim", 0) != 2:
+    raise ValueError(f"batch['input_ids'] must be [batch, time], got shape {getattr(ids, 'shape', None)}")
+  limit = model.max_length
+  if limit is not None and ids.shape[1] > limit:
+    raise ValueError(f"batch['input_ids'] has {ids.shape[1]} tokens, longer than the model's context of {limit}")
+  if model.task != "binary" and not np.any(np.asarray(batch["labels"]) != -100):
+    raise ValueError("batch['labels'] has no scored token (all -100): the edit target is empty")
+
+
+# ---------------------------------------------------------------------------- greedy decoding
+
+
+def greedy_answer(model: EditableModel, params, tokenizer, prompt: str, max_new_tokens: int = 3,
+                  max_len: int | None = None) -> str:
+  """Greedy continuation of `prompt` by a causal LM, stopping at eos/pad.
+
+  The input is padded to a fixed length (max_len, default the model's context or 64), so the
+  forward pass compiles once per (model, max_len). Returns the decoded new tokens, stripped.
+  """
+  max_len = max_len or model.max_length or 64
+  bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+  ids = bos + tokenizer.encode(prompt, add_special_tokens=False)
+  if len(ids) + max_new_tokens > max_len:
+    raise ValueError(f"prompt {prompt!r} is {len(ids)} tokens; with {max_new_tokens} new tokens it exceeds "
+                     f"the context of {max_len}")
+  stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+  fwd = _next_token_fn(model, max_len)
+  new = []
+  for _ in range(max_new_tokens):
+    arr = np.zeros((1, max_len), np.int32)
+    arr[0, : len(ids)] = ids
+    mask = (np.arange(max_len) < len(ids)).astype(np.int32)[None]
+    nxt = int(fwd(params, jnp.asarray(arr), jnp.asarray(mask), len(ids) - 1))
+    if nxt in stop:
+      break
+    ids.append(nxt)
+    new.append(nxt)
+  return tokenizer.decode(new).strip()
+
+
+@functools.lru_cache(maxsize=16)
+def _next_token_fn(model: EditableModel, max_len: int):
+  """Jitted (params, ids [1,max_len], mask [1,max_len], pos) -> the argmax token after pos."""
+  del max_len  # part of the cache key: one compiled shape per length
+  return jax.jit(lambda p, ids, mask, pos: jnp.argmax(
+      model.logits(p, {"input_ids": ids, "attention_mask": mask})[0, pos]))

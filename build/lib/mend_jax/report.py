@@ -1,0 +1,131 @@
+"""What runs leave on disk: atomic file writes, result tables and plots.
+
+Every file the project writes goes through `atomic_write_text` (or `write_json`): the text goes
+to a temporary file in the same directory, which is renamed over the target, so a crash never
+leaves half a file. Plots are written the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Mapping
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> str:
+  """Writes `text` (UTF-8) to `path` through a temporary file and a rename. Creates the parent
+  directory. Returns the path as a string."""
+  path = os.fspath(path)
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+      f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are shareable files
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return path
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> str:
+  """`obj` as JSON (sorted keys) at `path`, atomically. Returns the path."""
+  return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """The JSON objects of a JSON-lines file (blank lines skipped)."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _pyplot():
+  import matplotlib  # optional at import time: only plots need it
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def _save(fig, path: str, dpi: int) -> None:
+  """Saves a figure atomically (PNG) and closes it."""
+  plt = _pyplot()
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".png")
+  os.close(fd)
+  try:
+    fig.savefig(tmp, dpi=dpi)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  finally:
+    plt.close(fig)
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def plot_metrics(rows: list[Mapping], path: str) -> str:
+  """Training loss, edit success and locality agreement against step (train rows: those with
+  "loss"; validation rows: those with "val/loss"), as a PNG at `path`. Returns path."""
+  plt = _pyplot()
+  train_rows = [r for r in rows if "loss" in r]
+  val_rows = [r for r in rows if "val/loss" in r]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+  for ax, key, title in zip(axes, ("loss", "edit_success", "loc_agree"),
+                            ("loss", "edit success (paraphrase)", "locality agreement")):
+    ax.plot([r["step"] for r in train_rows], [r[key] for r in train_rows], label="train")
+    ax.plot([r["step"] for r in val_rows], [r["val/" + key] for r in val_rows], "o-", label="validation")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.legend()
+  fig.tight_layout()
+  _save(fig, path, dpi=80)
+  return path
+
+
+def ks_table(results: dict) -> str:
+  """A markdown table of evaluate_ks results."""
+  ppl = any("ppl_drawdown" in r for mode in results.values() for r in mode.values())
+  head = "| mode | k | edits | edit success | reliability | locality pre | locality post | drawdown |"
+  head += " ppl pre -> post |" if ppl else ""
+  head += " time/edit ms |"
+  rows = [head, "|" + "---|" * (head.count("|") - 1)]
+  for mode in ("batched", "sequential"):
+    for k, r in sorted(results.get(mode, {}).items(), key=lambda kv: int(kv[0])):
+      row = (f"| {mode} | {k} | {r['n_test_edits']} | {r['edit_success']:.3f} | {r['reliability']:.3f} "
+             f"| {r['locality_acc_pre']:.3f} | {r['locality_acc_post']:.3f} | {r['locality_drawdown']:.3f} |")
+      if ppl:
+        row += f" {r['ppl_pre']:.2f} -> {r['ppl_post']:.2f} |" if "ppl_pre" in r else " |"
+      row += f" {1000 * r['time_per_edit_s']:.1f} |"
+      rows.append(row)
+  return "\n".join(rows)
+
+
+def plot_ks(results: dict, path: str, title: str = "") -> str:
+  """Edit success and locality drawdown against k, batched and sequential (log-scale k), as a PNG
+  at `path` (written atomically). Returns path."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  for mode, style in (("batched", "o-"), ("sequential", "s--")):
+    rs = sorted(results.get(mode, {}).items(), key=lambda kv: int(kv[0]))
+    if not rs:
+      continue
+    ks = [int(k) for k, _ in rs]
+    axes[0].plot(ks, [r["edit_success"] for _, r in rs], style, label=mode)
+    axes[1].plot(ks, [r["locality_drawdown"] for _, r in rs], style, label=mode)
+  for ax, name in zip(axes, ("edit success (paraphrases)", "locality drawdown")):
+    ax.set_xscale("log")
+    ax.set_xlabel("k edits")
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  _save(fig, path, dpi=120)
+  return path
