@@ -35,7 +35,8 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
-from mend_jax import editors, report, tree
+from mend_jax import editors, models, report, tree
+from mend_jax.data import batches
 from mend_jax.editors.base import Editor, EditorState
 from mend_jax.models import EditableModel
 
@@ -309,29 +310,62 @@ def read_meta(path: str) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class LoadedEditor:
-  """A trained editor, ready to use: `new_params, info = loaded.edit(params, batch)` (jitted).
+  """A trained editor, ready to use: `new_params, info = loaded.edit(params, batch)` (jitted), or
+  from strings, `new_params, info = loaded.edit_texts(params, prompts, targets)`.
 
   editor: the Editor (MEND, ENN, KE, FT, FT+KL); state: its EditorState; meta: the checkpoint's
-  metadata. The edit starts from `editor.pre_edit_params(state, params)`: `params` itself, except
-  for ENN, whose training changed the model (its trained copy is in the state)."""
+  metadata; tokenizer: the model's tokenizer (for edit_texts and generate), if known. The edit
+  starts from `editor.pre_edit_params(state, params)`: `params` itself, except for ENN, whose
+  training changed the model (its trained copy is in the state)."""
 
   editor: Editor
   state: EditorState
   meta: dict
+  tokenizer: Any = None
 
   def edit(self, params, batch: Mapping[str, Any], check: bool = True, **static):
     """The jitted edit from `params` (the base model), with the batch checked on the host first
     (`Editor.edit`). Returns (new_params, info)."""
     return editors.jit_edit(self.editor, from_base=True)(self.state, params, batch, check=check, **static)
 
+  def _tok(self):
+    if self.tokenizer is None:
+      raise ValueError("this editor has no tokenizer: pass one, load_editor(path, model, tokenizer=...)")
+    return self.tokenizer
+
+  def edit_texts(self, params, prompts: list[str], targets: list[str], **static):
+    """k edits at once from strings (a causal LM reads prompt + " " + target; the target's tokens
+    are scored). The batch is padded to a multiple of 16 tokens, so similar lengths share one
+    compiled edit. Returns (new_params, info)."""
+    model = self.editor.model
+    if model.task != "causal_lm":
+      raise ValueError(f"edit_texts edits causal LMs; this model is a {model.task} model")
+    if isinstance(prompts, str) or isinstance(targets, str):
+      raise TypeError("prompts and targets are lists of strings (k edits at once)")
+    tok = self._tok()
+    need = max(len(models.bos_ids(tok) + tok.encode(f"{p} {t.strip()}", add_special_tokens=False))
+               for p, t in zip(prompts, targets)) if prompts else 1
+    max_len = -(-need // 16) * 16
+    if model.max_length is not None:
+      max_len = min(max_len, model.max_length)
+    enc = batches.encode_pairs(tok, list(prompts), list(targets), max_len, what="edit_texts")
+    return self.edit(params, enc.take(np.arange(len(prompts))), **static)
+
+  def generate(self, params, prompt: str, max_new_tokens: int = 8) -> str:
+    """The model's greedy continuation of `prompt` under `params` (before or after an edit)."""
+    model = self.editor.model
+    return models.greedy_answer(model, params, self._tok(), prompt, max_new_tokens=max_new_tokens,
+                                max_len=min(model.max_length or 128, 128))
+
   def with_loc_pool(self, loc_pool: Mapping[str, Any]) -> "LoadedEditor":
     """A copy whose state carries a locality pool (FT+KL samples from it; others ignore it)."""
     return dataclasses.replace(self, state=self.editor.with_loc_pool(self.state, loc_pool))
 
 
-def load_editor(path: str, model: EditableModel, params=None) -> LoadedEditor:
+def load_editor(path: str, model: EditableModel, params=None, tokenizer=None) -> LoadedEditor:
   """Restores the editor saved in work directory `path` (its best checkpoint, else its latest)
   for `model` (whose parameters are `params`, default model.params), verifying its checksums.
+  The tokenizer (for edit_texts) defaults to the one beside the model's files, if any.
   Raises CheckpointMismatch if the checkpoint was made for another model family or other editable
   layers (and warns if for another base model), CheckpointError if it cannot be read,
   FileNotFoundError if there is none."""
@@ -344,7 +378,9 @@ def load_editor(path: str, model: EditableModel, params=None) -> LoadedEditor:
   state = EditorState(*_restore(mngr, step, where, editor=ocp.args.StandardRestore(_abstract(abstract)))["editor"])
   _verify(meta, "editor", state, where, step)
   mngr.close()
-  return LoadedEditor(editor, state, meta)
+  if tokenizer is None and model.source and os.path.isfile(os.path.join(model.source, "tokenizer_config.json")):
+    tokenizer = models.load_tokenizer(model.source)
+  return LoadedEditor(editor, state, meta, tokenizer)
 
 
 def save_untrained(editor: Editor, base_params, workdir: str, seed: int, meta: Mapping) -> dict:

@@ -7,9 +7,13 @@ of the logit agrees with the label):
   locality_acc_pre:   the unedited model gives the locality example's answer;
   locality_acc_post:  the edited model still does;
   locality_drawdown:  pre - post;
+  locality_unchanged: the share of the locality answers' predicted tokens (teacher forced) that
+                      the edit leaves unchanged, averaged over locality examples (EasyEdit's locality);
   ppl_pre, ppl_post:  (sequence tasks) perplexity of the locality labels before / after the edit,
                       exp of the token-mean NLL over all locality examples; ppl_drawdown = post - pre
                       (the paper's drawdown for generation);
+  text_ppl_pre, text_ppl_post, text_ppl_drawdown: with `text` (a batch of plain passages), their
+                      perplexity before and after each edit (after the last, for sequential editing);
   time_per_edit_s:    median wall time of the jitted edit (after compilation) / edits per batch;
   peak_rss_gb:        the process's peak resident memory so far.
 
@@ -45,17 +49,49 @@ def _peak_rss_gb() -> float:
 
 
 def _scores(task, logits_fn, params, batch) -> dict:
-  """Per-example success [B] on equiv/edit/loc, and the locality NLL sums for perplexity."""
+  """Per-example success [B] on equiv/edit/loc, the locality logits, and the NLL sums of the
+  locality labels (and of the plain text, if the batch has "text") for perplexity."""
   out = {
       "edit_success": losses.exact_match(task, logits_fn(params, batch["equiv"]), batch["equiv"]),
       "reliability": losses.exact_match(task, logits_fn(params, batch["edit"]), batch["edit"]),
   }
-  loc_logits = logits_fn(params, batch["loc"])
+  out["loc_logits"] = loc_logits = logits_fn(params, batch["loc"])
   out["locality_acc"] = losses.exact_match(task, loc_logits, batch["loc"])
   if task != "binary":
     logp, mask = losses.token_logprobs(task, loc_logits, batch["loc"])
     out["loc_nll_sum"], out["loc_tokens"] = -jnp.sum(logp * mask), jnp.sum(mask)
+  if "text" in batch:
+    logp, mask = losses.token_logprobs(task, logits_fn(params, batch["text"]), batch["text"])
+    out["text_nll_sum"], out["text_tokens"] = -jnp.sum(logp * mask), jnp.sum(mask)
   return out
+
+
+def _compare(task, batch, before: dict, after: dict) -> dict:
+  """The per-batch outputs shared by batched and sequential evaluation (the plain text's NLL
+  before the edits does not depend on them: `_text_nll` computes it once)."""
+  out = {"locality_acc_pre": before["locality_acc"], "locality_acc_post": after["locality_acc"],
+         "locality_unchanged": losses.prediction_agreement(task, before["loc_logits"], after["loc_logits"],
+                                                           batch["loc"])}
+  if "loc_nll_sum" in after:
+    out.update(loc_nll_pre=before["loc_nll_sum"], loc_nll_post=after["loc_nll_sum"], loc_tokens=after["loc_tokens"])
+  if "text_nll_sum" in after:
+    out.update(text_nll_post=after["text_nll_sum"], text_tokens=after["text_tokens"])
+  return out
+
+
+@functools.lru_cache(maxsize=16)
+def _text_nll(editor: Editor):
+  """Jitted (state, base_params, text) -> NLL sum of the text under the unedited model."""
+  def fn(state, base_params, text):
+    pre = editor.pre_edit_params(state, base_params)
+    logp, mask = losses.token_logprobs(editor.model.task, editor.model.logits(pre, text), text)
+    return -jnp.sum(logp * mask)
+
+  return jax.jit(fn)
+
+
+def _without_text(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k != "text"}
 
 
 @functools.lru_cache(maxsize=16)
@@ -66,27 +102,24 @@ def make_eval_fn(editor: Editor):
   def fn(state, base_params, batch):
     pre = editor.pre_edit_params(state, base_params)
     new_params, _ = editor.edit(state, pre, batch["edit"], check=False)
-    before = _scores(task, editor.model.logits, pre, batch)
+    before = _scores(task, editor.model.logits, pre, _without_text(batch))
     after = _scores(task, editor.model.logits, new_params, batch)
-    out = {"edit_success": after["edit_success"], "reliability": after["reliability"],
-           "locality_acc_pre": before["locality_acc"], "locality_acc_post": after["locality_acc"]}
-    if "loc_nll_sum" in after:
-      out.update(loc_nll_pre=before["loc_nll_sum"], loc_nll_post=after["loc_nll_sum"],
-                 loc_tokens=after["loc_tokens"])
-    return out
+    return {"edit_success": after["edit_success"], "reliability": after["reliability"],
+            **_compare(task, batch, before, after)}
 
   return jax.jit(fn)
 
 
 def _finish(out: dict, times: list, k: int, n: int) -> dict:
   res = {key: float(np.mean(np.concatenate([np.atleast_1d(x) for x in v])))
-         for key, v in out.items() if not key.startswith("loc_")}
+         for key, v in out.items() if not key.startswith(("loc_", "text_"))}
   res["locality_drawdown"] = res["locality_acc_pre"] - res["locality_acc_post"]
-  if "loc_tokens" in out:
-    toks = float(np.sum(out["loc_tokens"]))
-    res["ppl_pre"] = float(np.exp(np.sum(out["loc_nll_pre"]) / max(toks, 1.0)))
-    res["ppl_post"] = float(np.exp(np.sum(out["loc_nll_post"]) / max(toks, 1.0)))
-    res["ppl_drawdown"] = res["ppl_post"] - res["ppl_pre"]
+  for key, name in (("loc", "ppl"), ("text", "text_ppl")):
+    if f"{key}_tokens" in out:
+      toks = max(float(np.sum(out[f"{key}_tokens"])), 1.0)
+      res[f"{name}_pre"] = float(np.exp(np.sum(out[f"{key}_nll_pre"]) / toks))
+      res[f"{name}_post"] = float(np.exp(np.sum(out[f"{key}_nll_post"]) / toks))
+      res[f"{name}_drawdown"] = res[f"{name}_post"] - res[f"{name}_pre"]
   res["time_per_edit_s"] = float(np.median(times[1:] if len(times) > 1 else times)) / k
   res["n_test_edits"] = n
   res["edits_per_batch"] = k
@@ -105,9 +138,12 @@ def _n_edits(data: EditData, n_edits: int | None, k: int) -> int:
 
 
 def evaluate(editor: Editor, state: EditorState, base_params, data: EditData, n_edits: int | None = None,
-             k: int = 1) -> dict[str, Any]:
+             k: int = 1, text: dict | None = None) -> dict[str, Any]:
   """Batched editing: k test edits at a time, each batch applied to the unedited model.
 
+  Args:
+    text: an optional batch of plain passages (e.g. `data.batches.encode_texts(...).take(...)`)
+      whose perplexity is measured before and after each edit.
   Returns the metrics of the module docstring averaged over the first n_edits records (all by
   default; rounded down to a multiple of k), with n_test_edits, edits_per_batch and peak_rss_gb.
   """
@@ -115,8 +151,12 @@ def evaluate(editor: Editor, state: EditorState, base_params, data: EditData, n_
   eval_fn, edit_fn = make_eval_fn(editor), editors.jit_edit(editor, from_base=True)
   out: dict[str, list] = {}
   times = []
+  text_pre = None if text is None else np.asarray(_text_nll(editor)(state, base_params, text))
   for start in range(0, n, k):
     batch = data.batch(np.arange(start, start + k))
+    if text is not None:
+      batch["text"] = text
+      out.setdefault("text_nll_pre", []).append(text_pre)
     for key, v in eval_fn(state, base_params, batch).items():
       out.setdefault(key, []).append(np.asarray(v))
     t0 = time.perf_counter()
@@ -137,22 +177,19 @@ def make_sequential_fn(editor: Editor):
 
     def step(params, row):
       new, _ = editor.edit(state, params, row, check=False)
-      s = _scores(task, editor.model.logits, new, batch)
-      return new, (s["edit_success"], s["reliability"])
+      success = lambda view: losses.exact_match(task, editor.model.logits(new, batch[view]), batch[view])
+      return new, (success("equiv"), success("edit"))
 
     final, (es, rel) = jax.lax.scan(step, pre, rows)
-    before, after = _scores(task, editor.model.logits, pre, batch), _scores(task, editor.model.logits, final, batch)
-    out = {"es_curve": es, "rel_curve": rel, "locality_acc_pre": before["locality_acc"],
-           "locality_acc_post": after["locality_acc"]}
-    if "loc_nll_sum" in after:
-      out.update(loc_nll_pre=before["loc_nll_sum"], loc_nll_post=after["loc_nll_sum"], loc_tokens=after["loc_tokens"])
-    return out
+    before = _scores(task, editor.model.logits, pre, _without_text(batch))
+    after = _scores(task, editor.model.logits, final, batch)
+    return {"es_curve": es, "rel_curve": rel, **_compare(task, batch, before, after)}
 
   return jax.jit(fn)
 
 
 def evaluate_sequential(editor: Editor, state: EditorState, base_params, data: EditData, k: int,
-                        n_edits: int | None = None) -> dict[str, Any]:
+                        n_edits: int | None = None, text: dict | None = None) -> dict[str, Any]:
   """Sequential editing: consecutive groups of k test records, each group's edits applied one
   after another to one model. Returns, averaged over the groups:
     edit_success / reliability: success of all k edits after the last one (retained);
@@ -163,16 +200,20 @@ def evaluate_sequential(editor: Editor, state: EditorState, base_params, data: E
   fn, edit_fn = make_sequential_fn(editor), editors.jit_edit(editor, from_base=True)
   es_curves, rel_curves, out, times = [], [], {}, []
   tri = np.tril(np.ones((k, k)))  # [step j, record i]: i <= j
+  text_pre = None if text is None else np.asarray(_text_nll(editor)(state, base_params, text))
   for start in range(0, n, k):
     batch = data.batch(np.arange(start, start + k))
+    if text is not None:
+      batch["text"] = text
+      out.setdefault("text_nll_pre", []).append(text_pre)
     t0 = time.perf_counter()
     r = jax.device_get(fn(state, base_params, batch))
     times.append((time.perf_counter() - t0))
     es_curves.append((r["es_curve"] * tri).sum(1) / tri.sum(1))
     rel_curves.append((r["rel_curve"] * tri).sum(1) / tri.sum(1))
-    for key in ("locality_acc_pre", "locality_acc_post", "loc_nll_pre", "loc_nll_post", "loc_tokens"):
-      if key in r:
-        out.setdefault(key, []).append(np.asarray(r[key]))
+    for key, v in r.items():
+      if not key.endswith("_curve"):
+        out.setdefault(key, []).append(np.asarray(v))
   # Time per edit: single-edit jitted edits, as in batched evaluation with k = 1.
   one = data.batch(np.arange(0, 1))["edit"]
   edit_times = []
@@ -189,7 +230,8 @@ def evaluate_sequential(editor: Editor, state: EditorState, base_params, data: E
 
 
 def evaluate_ks(editor: Editor, state: EditorState, base_params, data: EditData,
-                ks: Sequence[int] = (1, 5, 25, 125), n_edits: int | None = None, sequential: bool = True) -> dict:
+                ks: Sequence[int] = (1, 5, 25, 125), n_edits: int | None = None, sequential: bool = True,
+                text: dict | None = None) -> dict:
   """{"batched": {k: results}, "sequential": {k: results}} for each k that the data allows (a k
   above the number of test edits is skipped, with a warning)."""
   out: dict[str, dict] = {"batched": {}, "sequential": {}}
@@ -198,15 +240,16 @@ def evaluate_ks(editor: Editor, state: EditorState, base_params, data: EditData,
     if k > avail:
       logging.warning("k=%d: skipped, only %d test edits", k, avail)
       continue
-    out["batched"][k] = evaluate(editor, state, base_params, data, n_edits, k)
+    out["batched"][k] = evaluate(editor, state, base_params, data, n_edits, k, text)
     logging.info("batched k=%d: %s", k, summary(out["batched"][k]))
     if sequential:
-      out["sequential"][k] = evaluate_sequential(editor, state, base_params, data, k, n_edits)
+      out["sequential"][k] = evaluate_sequential(editor, state, base_params, data, k, n_edits, text)
       logging.info("sequential k=%d: %s", k, summary(out["sequential"][k]))
   return out
 
 
 def summary(r: dict) -> str:
   """One line of the main metrics of a result dict."""
-  keys = ("edit_success", "reliability", "locality_drawdown", "ppl_drawdown", "time_per_edit_s")
+  keys = ("edit_success", "reliability", "locality_unchanged", "locality_drawdown", "ppl_drawdown",
+          "text_ppl_drawdown", "time_per_edit_s")
   return ", ".join(f"{key}={r[key]:.4f}" for key in keys if key in r)

@@ -22,24 +22,28 @@ from mend_jax import checkpoint as ckpt_lib
 from mend_jax import editors, models, paper, report, tree
 from mend_jax import evaluate as eval_lib
 from mend_jax import train as train_lib
-from mend_jax.data import official
-from mend_jax.data.batches import EditData
+from mend_jax.data import formats, official, realfacts
+from mend_jax.data.batches import EditData, encode_texts
 from mend_jax.editors.base import Editor, build_config
 from mend_jax.models import EditableModel, load_model
 from mend_jax.synthetic import benchmark
 from mend_jax.synthetic import pretrain as pretrain_lib
 from mend_jax.synthetic.world import WorldConfig
 
-TASKS = ("synthetic", "zsre", "fever", "wikitext")
+TASKS = ("synthetic", "facts", "zsre", "fever", "wikitext")
 
 
 @dataclasses.dataclass
 class Task:
+  """The data and base model of an experiment. text: an optional batch of plain passages whose
+  perplexity evaluation measures before and after each edit."""
+
   model: EditableModel
   tokenizer: Any
   train: EditData
   val: EditData
   test: EditData
+  text: dict | None = None
 
 
 def _plain(cfg) -> dict:
@@ -53,6 +57,8 @@ def prepare(config, progress: Callable | None = None) -> Task:
   """
   if config.task not in TASKS:
     raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
+  if config.task == "facts":
+    return _prepare_facts(config)
   if config.task != "synthetic":
     return _prepare_paper(config)
   cache = os.path.abspath(config.cache_dir)
@@ -71,6 +77,45 @@ def prepare(config, progress: Callable | None = None) -> Task:
     raise ValueError(f"data.max_len={max_len} exceeds the model's context of {model.max_length}")
   split = lambda s: EditData.from_records(benchmark.load_records(paths[s]), tokenizer, max_len, name=str(paths[s]))
   return Task(model, tokenizer, split("train"), split("val"), split("test"))
+
+
+def _prepare_facts(config) -> Task:
+  """prepare() for edits of a causal LM: the user's files (data.train_path, val_path, test_path in
+  any of `data.formats.FORMATS`) or, with no train_path, the real-facts benchmark
+  (`data.realfacts`). Without val_path the last train.n_val training records validate."""
+  seed, max_len = int(config.seed), int(config.data.max_len)
+  cache = os.path.join(os.path.abspath(config.cache_dir), "models")
+  name = str(config.model.name_or_path)
+  model = load_model(name, editable=tuple(config.model.editable) or None, cache=cache)
+  if model.task != "causal_lm":
+    raise ValueError(f"config.task='facts' edits a causal LM; {name!r} is a {model.task} model ({model.family.name})")
+  tokenizer = models.load_tokenizer(str(config.model.tokenizer or name), cache=cache)
+  if model.max_length is not None and max_len > model.max_length:
+    raise ValueError(f"data.max_len={max_len} exceeds the model's context of {model.max_length}")
+  if _data_path(config, "train_path"):
+    if not _data_path(config, "test_path"):
+      raise ValueError("config.data.test_path is needed with data.train_path (the edits to evaluate)")
+    train = formats.load_edits(config.data.train_path, seed)
+    test = formats.load_edits(config.data.test_path, seed + 1)
+    if _data_path(config, "val_path"):
+      val = formats.load_edits(config.data.val_path, seed + 2)
+    else:
+      n_val = int(config.train.n_val)
+      if not 0 < n_val < len(train):
+        raise ValueError(f"train.n_val={n_val} validation edits are held out of {config.data.train_path!r}, which "
+                         f"has {len(train)} rows; need 0 < n_val < {len(train)} (or give data.val_path)")
+      train, val = train[:-n_val], train[-n_val:]
+    names = {"train": config.data.train_path, "val": config.data.val_path or "held-out training rows",
+             "test": config.data.test_path}
+    text = None
+  else:
+    splits = realfacts.build(seed)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    names = {k: f"real-facts {k}" for k in ("train", "val", "test")}
+    passages = realfacts.passages(realfacts.subjects(seed)["test"], limit=16)  # about 50 tokens each
+    text = encode_texts(tokenizer, passages, 56, "real-facts passages").take(np.arange(len(passages)))
+  build = lambda recs, split: EditData.from_records(recs, tokenizer, max_len, name=names[split])
+  return Task(model, tokenizer, build(train, "train"), build(val, "val"), build(test, "test"), text)
 
 
 def _data_path(config, key: str) -> str:
@@ -239,7 +284,7 @@ def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str 
   data = getattr(task, split)
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
   res = eval_lib.evaluate(loaded.editor, loaded.state, task.model.params, data, n_edits=n,
-                          k=int(config.eval.k if k is None else k))
+                          k=int(config.eval.k if k is None else k), text=task.text)
   res["alg"] = loaded.editor.name
   res["split"] = split
   res["checkpoint_step"] = int(loaded.meta.get("step", -1))
@@ -254,7 +299,8 @@ def evaluate_k_sweep(config, workdir: str, task: Task | None = None, split: str 
   loaded = _loaded(workdir, task)
   data = getattr(task, split)
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
-  res = eval_lib.evaluate_ks(loaded.editor, loaded.state, task.model.params, data, tuple(ks), n, sequential)
+  res = eval_lib.evaluate_ks(loaded.editor, loaded.state, task.model.params, data, tuple(ks), n, sequential,
+                             text=task.text)
   report.write_json(os.path.join(workdir, "results_k.json"),
                     {"split": split, "checkpoint_step": int(loaded.meta.get("step", -1)),
                      **{mode: {str(k): r for k, r in rs.items()} for mode, rs in res.items()}})

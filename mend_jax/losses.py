@@ -100,6 +100,20 @@ def exact_match(task: str, logits: jax.Array, batch: Mapping[str, jax.Array]) ->
   return (jnp.all(correct, -1) & jnp.any(mask, -1)).astype(jnp.float32)
 
 
+def prediction_agreement(task: str, logits_a: jax.Array, logits_b: jax.Array,
+                         batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Per example [B]: the share of its scored positions whose predicted token (argmax, teacher
+  forced) is the same under both logits (binary: the same side of 0). EasyEdit's locality: 1.0
+  when an edit leaves the example's predictions alone. Examples with no scored token count 1."""
+  if task == "binary":
+    return ((logits_a > 0) == (logits_b > 0)).astype(jnp.float32)
+  la, labels = _align(task, logits_a, batch)
+  lb, _ = _align(task, logits_b, batch)
+  mask = (labels != IGNORE).astype(jnp.float32)
+  same = (jnp.argmax(la, -1) == jnp.argmax(lb, -1)).astype(jnp.float32)
+  return jnp.where(jnp.sum(mask, -1) > 0, jnp.sum(same * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0), 1.0)
+
+
 def kl_mask(task: str, batch: Mapping[str, jax.Array]) -> jax.Array:
   """Which positions the locality KL reads (see module docstring); [B,T], or [B,P] at read_pos."""
   if "kl_mask" in batch:

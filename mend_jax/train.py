@@ -49,7 +49,8 @@ class TrainConfig:
   """Training hyperparameters (names as the official config where they exist).
 
   lr: Adam step of the editor's networks (official: 1e-6 on large models). lr_lr: Adam step of the
-  "alpha" leaves. c_edit, c_loc, kl_positions: the objective (`losses.Objective`). accumulate:
+  "alpha" leaves. schedule, warmup: both lrs warm up linearly over `warmup` Adam updates, then stay
+  ("constant") or decay along a cosine to 10% at the last update ("cosine"). c_edit, c_loc, kl_positions: the objective (`losses.Objective`). accumulate:
   micro-batches per Adam update. grad_clip: global-norm clip. max_steps: micro-steps. n_edits,
   n_loc: edits and locality examples per micro-batch. val_every, n_val: validation period and
   size. patience: validations without improvement before stopping. log_every, ckpt_every: micro-
@@ -58,6 +59,8 @@ class TrainConfig:
 
   lr: float = 1e-4
   lr_lr: float = 1e-4
+  schedule: str = "constant"  # of both lrs over the Adam updates: "constant" or "cosine" (to 10%, after warmup)
+  warmup: int = 0  # Adam updates of linear warm-up from 0
   c_edit: float = 0.1
   c_loc: float = 1.0
   accumulate: int = 10
@@ -82,6 +85,10 @@ class TrainConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"train.{name} must be an integer >= 1, got {value!r}")
+    if self.schedule not in ("constant", "cosine"):
+      raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+    if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+      raise ValueError(f"train.warmup must be an integer >= 0, got {self.warmup!r}")
     if self.c_edit < 0 or self.c_loc < 0:
       raise ValueError(f"train.c_edit and train.c_loc must be >= 0, got {self.c_edit} and {self.c_loc}")
 
@@ -90,12 +97,24 @@ class TrainConfig:
     return losses.Objective(self.c_edit, self.c_loc, self.kl_positions)
 
 
+def _lr(cfg: TrainConfig, peak: float):
+  """The learning rate of `peak` under cfg.schedule/warmup, over the run's Adam updates."""
+  if cfg.schedule == "constant" and cfg.warmup == 0:
+    return peak
+  updates = max(1, cfg.max_steps // cfg.accumulate)
+  if cfg.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, cfg.warmup), optax.constant_schedule(peak)],
+                                [cfg.warmup])
+  return optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup, max(updates, cfg.warmup + 1), peak * 0.1)
+
+
 def make_optimizer(cfg: TrainConfig, editor: Editor) -> optax.GradientTransformation:
   """Adam (lr) for the editor's "net" leaves, its own Adam (lr_lr) for the "alpha" leaves
   (`editor.param_labels`), after global-norm clipping; then accumulation over cfg.accumulate."""
   inner = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
-      optax.multi_transform({"net": optax.adam(cfg.lr), "alpha": optax.adam(cfg.lr_lr)}, editor.param_labels),
+      optax.multi_transform({"net": optax.adam(_lr(cfg, cfg.lr)), "alpha": optax.adam(_lr(cfg, cfg.lr_lr))},
+                            editor.param_labels),
   )
   return optax.MultiSteps(inner, every_k_schedule=cfg.accumulate) if cfg.accumulate > 1 else inner
 

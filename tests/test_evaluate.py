@@ -54,35 +54,64 @@ def test_sequential_matches_a_loop_of_single_edits(synth_setup, strong):
   assert res["n_test_edits"] == 2 * k and res["edits_per_sequence"] == k
 
 
+def _nll64(m, params, view, rows) -> tuple[float, int]:
+  """Float64 loop over the label tokens of `rows` of a view, full logits: (NLL sum, tokens)."""
+  total, n = 0.0, 0
+  for i in rows:
+    row = {key: v for key, v in view.take([i]).items() if not key.startswith("read_")}
+    logits = np.asarray(m.logits(params, {key: jnp.asarray(v) for key, v in row.items()}), np.float64)[0]
+    for t in np.nonzero(row["labels"][0] != -100)[0]:
+      z = logits[t - 1]
+      total -= z[row["labels"][0][t]] - (z.max() + np.log(np.exp(z - z.max()).sum()))
+      n += 1
+  return total, n
+
+
+def _unchanged(m, before, after, view, rows) -> list[float]:
+  """Per locality row: the share of its label positions whose argmax is the same before/after."""
+  out = []
+  for i in rows:
+    row = {key: jnp.asarray(v) for key, v in view.take([i]).items() if not key.startswith("read_")}
+    a, b = (np.asarray(m.logits(p, row))[0].argmax(-1) for p in (before, after))
+    pos = np.nonzero(np.asarray(row["labels"][0]) != -100)[0] - 1
+    out.append(float(np.mean(a[pos] == b[pos])))
+  return out
+
+
 def test_batched_k_matches_one_joint_edit_per_group(synth_setup, strong):
   m, d = synth_setup["model"], synth_setup["data"]
   ed, state = strong
   k, n = 3, 6
-  res = eval_lib.evaluate(ed, state, m.params, d, n_edits=n, k=k)
-  es, rel, nll_pre, nll_post, toks = [], [], 0.0, 0.0, 0.0
+  text_rows = np.arange(10, 14)
+  res = eval_lib.evaluate(ed, state, m.params, d, n_edits=n, k=k, text=d.loc.take(text_rows))
+  es, rel, unchanged = [], [], []
+  nll_pre, toks = _nll64(m, m.params, d.loc, range(n))
+  text_pre, text_toks = _nll64(m, m.params, d.loc, text_rows)
+  nll_post = text_post = 0.0
   for start in range(0, n, k):
     idx = np.arange(start, start + k)
     params, _ = ed.jit_edit(state, m.params, d.edit.take(idx))
     es.append(_success(m, params, d.equiv, idx))
     rel.append(_success(m, params, d.edit, idx))
-    # perplexity reference: a float64 loop over the locality label tokens, full logits
-    for p, acc in ((m.params, "pre"), (params, "post")):
-      for i in idx:
-        row = {key: v for key, v in d.loc.take([i]).items() if not key.startswith("read_")}
-        logits = np.asarray(m.logits(p, {key: jnp.asarray(v) for key, v in row.items()}), np.float64)[0]
-        for t in np.nonzero(row["labels"][0] != -100)[0]:
-          z = logits[t - 1]
-          lp = z[row["labels"][0][t]] - (z.max() + np.log(np.exp(z - z.max()).sum()))
-          if acc == "pre":
-            nll_pre -= lp
-            toks += 1
-          else:
-            nll_post -= lp
+    unchanged += _unchanged(m, m.params, params, d.loc, idx)
+    nll_post += _nll64(m, params, d.loc, idx)[0]
+    text_post += _nll64(m, params, d.loc, text_rows)[0]
   assert res["edit_success"] == pytest.approx(np.mean(es))
   assert res["reliability"] == pytest.approx(np.mean(rel))
+  assert res["locality_unchanged"] == pytest.approx(np.mean(unchanged))
+  assert res["locality_unchanged"] < 0.5  # this editor's large step changes most predictions
+  # A tiny step changes few or none: the metric is not a constant.
+  small = state._replace(params={**state.params, "alpha": state.params["alpha"] * 1e-6})
+  res_small = eval_lib.evaluate(ed, small, m.params, d, n_edits=n, k=k)
+  params, _ = ed.jit_edit(small, m.params, d.edit.take(np.arange(0, k)))
+  assert res_small["locality_unchanged"] > 0.9
+  assert _unchanged(m, m.params, params, d.loc, range(k)) == pytest.approx([1.0] * k, abs=0.34)
   assert res["ppl_pre"] == pytest.approx(np.exp(nll_pre / toks), rel=1e-4)
   assert res["ppl_post"] == pytest.approx(np.exp(nll_post / toks), rel=1e-4)
   assert res["ppl_post"] != pytest.approx(res["ppl_pre"], rel=1e-3)
+  # Plain text: its perplexity before, and after each group's edit (pooled over the groups).
+  assert res["text_ppl_pre"] == pytest.approx(np.exp(text_pre / text_toks), rel=1e-4)
+  assert res["text_ppl_post"] == pytest.approx(np.exp(text_post / (text_toks * (n // k))), rel=1e-4)
 
 
 def test_k_sweep_table_and_plot(synth_setup, strong, tmp_path):

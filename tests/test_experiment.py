@@ -6,7 +6,9 @@ import json
 import math
 import os
 
+import chex
 import ml_collections
+import numpy as np
 import pytest
 
 import paper_samples as S
@@ -92,3 +94,54 @@ def test_the_config_names_the_editor_and_its_section(synth_setup):
     experiment.make_editor(ml_collections.ConfigDict({"alg": "rome"}), m)
   with pytest.raises(ValueError, match=r"unknown config key\(s\) \['enn.lrr'\]"):
     experiment.make_editor(ml_collections.ConfigDict({"alg": "enn", "enn": {"lrr": 1}}), m)
+
+
+def test_facts_task_trains_on_the_users_files_and_edits_from_strings(tmp_path):
+  """A causal LM (a tiny llama saved as a model directory with its tokenizer), edits in EasyEdit's
+  format for training and CounterFact's for test, through the real entry point; the saved editor
+  then edits from strings."""
+  import transformers as tf
+
+  from mend_jax import checkpoint, models, paper
+  from mend_jax.data import batches
+
+  easy = [{"prompt": f"The capital of {c} is", "target_new": t, "ground_truth": g,
+           "rephrase_prompt": f"{c}'s capital is", "locality_prompt": "The sky is", "locality_ground_truth": "blue"}
+          for c, t, g in [("France", "Lyon", "Paris"), ("Italy", "Milan", "Rome"), ("Spain", "Seville", "Madrid"),
+                          ("Japan", "Osaka", "Tokyo"), ("Peru", "Cusco", "Lima"), ("Chile", "Arica", "Santiago")]]
+  cf = [{"requested_rewrite": {"prompt": "The capital of {} is", "subject": c, "target_new": {"str": t},
+                               "target_true": {"str": g}},
+         "paraphrase_prompts": [f"{c}'s capital is"], "neighborhood_prompts": ["The capital of Chile is"]}
+        for c, t, g in [("Kenya", "Mombasa", "Nairobi"), ("Egypt", "Giza", "Cairo")]]
+  texts = [f"{r['prompt']} {r['target_new']} {r['ground_truth']} {r['rephrase_prompt']}" for r in easy] + [
+      "The sky is blue", "Kenya Mombasa Nairobi Egypt Giza Cairo Chile Santiago"]
+  tok = paper.tiny_tokenizer("gpt2", texts)
+  cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+  model_dir = tmp_path / "model"
+  m = models.model_from_config(cfg)
+  m.hf_model.save_pretrained(model_dir, params=m.params)
+  tok.save_pretrained(model_dir)
+  (tmp_path / "train.json").write_text(json.dumps(easy))
+  (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in cf))
+  c = load_config("facts")
+  c.model.name_or_path = str(model_dir)
+  c.data.update(train_path=str(tmp_path / "train.json"), test_path=str(tmp_path / "test.jsonl"))
+  c.mend.rank = 8
+  c.train.update(max_steps=2, accumulate=1, n_val=2, val_every=2, log_every=1, ckpt_every=2)
+  c.eval.update(n_test=2, show_edit=False)
+  c.cache_dir = str(tmp_path / "cache")
+  workdir = str(tmp_path / "run")
+  res = experiment.train_and_evaluate(c, workdir)
+  assert res["n_test_edits"] == 2 and math.isfinite(res["edit_success"]) and 0 <= res["locality_unchanged"] <= 1
+  loaded = checkpoint.load_editor(workdir, models.load_model(str(model_dir)))
+  assert loaded.tokenizer is not None  # found beside the model
+  new, info = loaded.edit_texts(m.params, ["The capital of Kenya is", "The capital of Peru is"], ["Mombasa", "Cusco"])
+  ref = batches.encode_pairs(loaded.tokenizer, ["The capital of Kenya is", "The capital of Peru is"],
+                             ["Mombasa", "Cusco"], 16)
+  want, _ = loaded.edit(m.params, ref.take(np.arange(2)))
+  chex.assert_trees_all_equal(new, want)
+  assert isinstance(loaded.generate(new, "The capital of Kenya is", 2), str)
+  with pytest.raises(TypeError, match="lists of strings"):
+    loaded.edit_texts(m.params, "The capital of Kenya is", "Mombasa")

@@ -119,3 +119,17 @@ def test_stale_checkpoints_are_removed_when_the_directory_is_opened(synth_setup,
 def test_train_config_rejects_values_that_would_train_nothing(field, value):
   with pytest.raises(ValueError, match=field):
     train.TrainConfig(**{field: value})
+
+
+def test_lr_schedules_follow_their_formula(synth_setup):
+  """Warm-up then constant or cosine: the Adam step of one leaf, read from the optimizer state's
+  schedule count, equals the formula."""
+  cfg = train.TrainConfig(lr=1e-3, lr_lr=1e-3, max_steps=100, accumulate=1, schedule="cosine", warmup=10)
+  sched = train._lr(cfg, 1e-3)
+  assert float(sched(0)) == 0.0 and float(sched(5)) == pytest.approx(5e-4)
+  assert float(sched(10)) == pytest.approx(1e-3) and float(sched(100)) == pytest.approx(1e-4)
+  mid = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + np.cos(np.pi * 45 / 90))
+  assert float(sched(55)) == pytest.approx(mid, rel=1e-5)
+  const = train._lr(dataclasses.replace(cfg, schedule="constant"), 1e-3)
+  assert float(const(3)) == pytest.approx(3e-4) and float(const(50)) == pytest.approx(1e-3)
+  assert train._lr(dataclasses.replace(cfg, warmup=0, schedule="constant"), 1e-3) == 1e-3

@@ -5,7 +5,7 @@ short form `--config=zsre:t5-small` on the command line)."""
 import os
 
 DIR = os.path.dirname(os.path.abspath(__file__))
-NAMES = ("synthetic", "zsre", "fever", "wikitext")
+NAMES = ("synthetic", "facts", "zsre", "fever", "wikitext")
 
 
 def path(name: str) -> str:

@@ -1,6 +1,6 @@
 """The one config schema of every experiment.
 
-  seed, task ("synthetic", "zsre", "fever", "wikitext"), alg (the editor: mend, ft, ft_kl, enn,
+  seed, task ("synthetic", "facts", "zsre", "fever", "wikitext"), alg (the editor: mend, ft, ft_kl, enn,
   ke), cache_dir, tiny (a tiny random model of the same family instead of the pretrained one);
   model: name_or_path, tokenizer, family, editable (regexes; empty: the paper's layers), tiny
     (overrides of the tiny Hugging Face config), pretrain (PretrainConfig: the synthetic base model);
@@ -25,7 +25,7 @@ from mend_jax.synthetic.pretrain import PretrainConfig
 from mend_jax.synthetic.world import WorldConfig
 from mend_jax.train import TrainConfig
 
-TASKS = ("synthetic", "zsre", "fever", "wikitext")
+TASKS = ("synthetic", "facts", "zsre", "fever", "wikitext")
 
 
 def _section(obj) -> ml_collections.ConfigDict:

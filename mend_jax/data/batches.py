@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mend_jax import models
 from mend_jax.losses import IGNORE
 
 
@@ -87,11 +88,6 @@ def read_positions(labels: np.ndarray, kl_mask: np.ndarray | None = None, seq2se
   return np.where(mask, order, 0).astype(np.int32), mask.astype(np.int32)
 
 
-def _bos(tokenizer) -> list[int]:
-  b = tokenizer.bos_token_id
-  return [] if b is None else [int(b)]
-
-
 def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_len: int,
                  what: str = "examples") -> Tokenized:
   """Tokenises prompt + " " + target pairs into one fixed-length causal-LM array set."""
@@ -106,7 +102,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_
   for i, (p, t) in enumerate(zip(prompts, targets)):
     if not str(t).strip():
       raise ValueError(f"{what}[{i}]: the target for prompt {p!r} is empty")
-    p_ids = _bos(tokenizer) + tokenizer.encode(str(p), add_special_tokens=False)
+    p_ids = models.bos_ids(tokenizer) + tokenizer.encode(str(p), add_special_tokens=False)
     t_ids = tokenizer.encode(" " + str(t).strip(), add_special_tokens=False)
     if not t_ids:
       raise ValueError(f"{what}[{i}]: the target {t!r} tokenises to nothing")

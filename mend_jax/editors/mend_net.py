@@ -31,6 +31,8 @@ class MENDConfig:
 
   rank: rank r of U V (capped at the width). n_hidden: residual layers = n_hidden + 1.
   v_init: "xavier_uniform" (this project's default) or "normal" (the official code: unscaled N(0,1)).
+  identity_init: U starts at zero, so the network starts as the identity (the paper); False draws
+    U like V (the paper's "no identity init" ablation).
   combine: one network on concat(u, delta) (official default). Otherwise separate networks, one of
     them replaced by the identity with x_only / delta_only / one_sided (only the smaller side transformed).
   shared: one network per distinct weight shape, FiLM scale/offset per layer (official default);
@@ -43,6 +45,7 @@ class MENDConfig:
   rank: int = 1920
   n_hidden: int = 1
   v_init: str = "xavier_uniform"
+  identity_init: bool = True
   combine: bool = True
   x_only: bool = False
   delta_only: bool = False
@@ -71,6 +74,7 @@ class LowRankResidual(nn.Module):
   rank: int
   n_modes: int
   v_init: str = "xavier_uniform"
+  identity_init: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, modes: jax.Array) -> jax.Array:
@@ -79,7 +83,7 @@ class LowRankResidual(nn.Module):
     v_init = (nn.initializers.xavier_uniform() if self.v_init == "xavier_uniform"
               else nn.initializers.normal(stddev=1.0))
     v = self.param("v", v_init, (d, r), jnp.float32)
-    u = self.param("u", nn.initializers.zeros, (r, d), jnp.float32)
+    u = self.param("u", nn.initializers.zeros if self.identity_init else v_init, (r, d), jnp.float32)
     b = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
     scale = self.param("mode_scale", nn.initializers.ones, (self.n_modes, d), jnp.float32)
     shift = self.param("mode_shift", nn.initializers.zeros, (self.n_modes, d), jnp.float32)
@@ -93,11 +97,12 @@ class ResidualMLP(nn.Module):
   n_layers: int
   n_modes: int
   v_init: str
+  identity_init: bool = True
 
   @nn.compact
   def __call__(self, x, modes):
     for i in range(self.n_layers):
-      x = LowRankResidual(self.rank, self.n_modes, self.v_init, name=f"layer{i}")(x, modes)
+      x = LowRankResidual(self.rank, self.n_modes, self.v_init, self.identity_init, name=f"layer{i}")(x, modes)
     return x
 
 
@@ -113,7 +118,7 @@ class MENDNet(nn.Module):
   @nn.compact
   def __call__(self, u, delta, modes):
     cfg = self.cfg
-    net = lambda name: ResidualMLP(cfg.rank, cfg.n_hidden + 1, self.n_modes, cfg.v_init, name=name)
+    net = lambda name: ResidualMLP(cfg.rank, cfg.n_hidden + 1, self.n_modes, cfg.v_init, cfg.identity_init, name=name)
     if cfg.combine:
       out = net("mlp")(jnp.concatenate([u, delta], -1), modes)
       return out[:, : u.shape[-1]], out[:, u.shape[-1]:]

@@ -59,6 +59,11 @@ def test_editor_options_build_and_keep_identity_at_init():
     for p in model.layer_paths:
       np.testing.assert_allclose(_flat(new)[p], _flat(ref)[p], rtol=1e-5, atol=1e-8, err_msg=str(cfg))
   assert len(MEND(model, MENDConfig(shared=False)).groups) == len(model.layers)
+  # The "no identity init" ablation really starts elsewhere.
+  ed = MEND(model, MENDConfig(rank=4, norm=False, identity_init=False))
+  new, _ = ed.jit_edit(ed.init(jax.random.PRNGKey(0)), model.params, batch)
+  p = model.layer_paths[0]
+  assert not np.allclose(_flat(new)[p], _flat(ref)[p], rtol=1e-3, atol=1e-6)
   with pytest.raises(ValueError, match="combine cannot be used"):
     MENDConfig(x_only=True)
   with pytest.raises(ValueError, match="rank must be >= 1"):
