@@ -133,8 +133,6 @@ def read_gguf(path: str):
   """(LlamaConfig, Flax parameter tree of float32 numpy arrays, tokenizer, metadata) of a llama-
   family GGUF file. Raises ValueError naming the file for an unsupported architecture,
   quantisation or tokenizer."""
-  from gguf import GGUFReader
-
   try:
     reader = GGUFReader(path)
   except Exception as e:  # noqa: BLE001 - gguf raises several types on a file that is not GGUF
