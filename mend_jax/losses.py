@@ -157,6 +157,7 @@ class Objective(NamedTuple):
 
 
 def check_kl_positions(value: str) -> None:
+  """Raises ValueError unless `value` is one of KL_POSITIONS."""
   if value not in KL_POSITIONS:
     raise ValueError(f"kl_positions must be one of {KL_POSITIONS}, got {value!r}")
 

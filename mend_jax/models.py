@@ -132,6 +132,7 @@ FAMILIES: dict[str, Family] = {
 
 
 def family_for_config(hf_config) -> Family:
+  """The Family whose model_types include hf_config.model_type (ValueError naming the supported ones)."""
   model_type = getattr(hf_config, "model_type", None)
   for fam in FAMILIES.values():
     if model_type in fam.model_types:
@@ -216,14 +217,17 @@ class EditableModel:
 
   @property
   def config(self):
+    """The Hugging Face config."""
     return self.hf_model.config
 
   @property
   def task(self) -> str:
+    """The loss convention of the family: "causal_lm", "seq2seq" or "binary"."""
     return self.family.task
 
   @property
   def max_length(self) -> int | None:
+    """The longest input the model takes (its position table), or None (T5: relative positions)."""
     c = self.config
     for name in ("n_positions", "max_position_embeddings"):
       if getattr(c, name, None):
@@ -232,6 +236,7 @@ class EditableModel:
 
   @property
   def layer_paths(self) -> tuple[str, ...]:
+    """The "/"-joined parameter paths of the editable kernels, in order."""
     return tuple(l.path for l in self.layers)
 
   @property

@@ -26,6 +26,7 @@ class RunningStats(NamedTuple):
 
 
 def init(dim: int) -> RunningStats:
+  """Empty statistics of dimension `dim` (count 0)."""
   return RunningStats(jnp.zeros((), jnp.float32), jnp.zeros((dim,), jnp.float32),
                       jnp.zeros((dim,), jnp.float32))
 
@@ -51,6 +52,7 @@ def from_batch(x: jax.Array, mask: jax.Array) -> RunningStats:
 
 
 def update(s: RunningStats, x: jax.Array, mask: jax.Array) -> RunningStats:
+  """`s` with the masked rows of x ([..., d], mask x.shape[:-1]) added."""
   return merge(s, from_batch(x, mask))
 
 

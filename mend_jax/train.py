@@ -94,6 +94,7 @@ class TrainConfig:
 
   @property
   def objective(self) -> losses.Objective:
+    """The loss weights of Algorithm 1 this config trains with."""
     return losses.Objective(self.c_edit, self.c_loc, self.kl_positions)
 
 

@@ -21,6 +21,7 @@ VARIANTS = ("mend",)
 
 
 def get_config(arg: str | None = None):
+  """The config of variant `arg` (default mend), locked."""
   variant = arg or VARIANTS[0]
   if variant not in VARIANTS:
     raise ValueError(f"facts config: variant must be one of {VARIANTS}, got {variant!r}")

@@ -19,6 +19,7 @@ VARIANTS = ("bert-base",)
 
 
 def get_config(arg: str | None = None):
+  """The config of variant `arg` (default bert-base), locked."""
   model = arg or VARIANTS[0]
   if model not in VARIANTS:
     raise ValueError(f"fever config: variant must be one of {VARIANTS}, got {model!r}")

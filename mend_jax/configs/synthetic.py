@@ -23,6 +23,7 @@ VARIANTS = ("demo", "long")
 
 
 def get_config(arg: str | None = None):
+  """The config of variant `arg` (default demo), locked."""
   variant = arg or VARIANTS[0]
   if variant not in VARIANTS:
     raise ValueError(f"synthetic config: variant must be one of {VARIANTS}, got {variant!r}")

@@ -21,6 +21,7 @@ VARIANTS = ("distilgpt2", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-n
 
 
 def get_config(arg: str | None = None):
+  """The config of variant `arg` (default distilgpt2), locked."""
   model = arg or VARIANTS[0]
   if model not in VARIANTS:
     raise ValueError(f"wikitext config: variant must be one of {VARIANTS}, got {model!r}")

@@ -26,6 +26,7 @@ VARIANTS = ("t5-small", "t5-large", "t5-xl", "t5-xxl", "bart-base")
 
 
 def get_config(arg: str | None = None):
+  """The config of variant `arg` (default t5-small), locked."""
   model = arg or VARIANTS[0]
   if model not in VARIANTS:
     raise ValueError(f"zsre config: variant must be one of {VARIANTS}, got {model!r}")

@@ -61,6 +61,7 @@ class Loaded:
     return len(self.records)
 
   def summary(self) -> str:
+    """One line: the file, its records and the rows dropped by reason."""
     why = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
     return f"{self.path}: {len(self.records)} records (dropped: {why})"
 

@@ -72,6 +72,7 @@ class ENN(Editor):
     super().__init__(model, cfg)
 
   def init(self, rng: jax.Array, base_params) -> EditorState:
+    """params {"theta": a copy of the base model, "lr": [n_layers] inner steps at edit_lr}; aux {}."""
     del rng
     # A real copy: a training step that donates its state must not free the frozen original.
     theta = jax.tree_util.tree_map(jnp.array, base_params)

@@ -228,6 +228,8 @@ class KE(Editor):
     return int(tree.get_leaves(params, [find_embedding(self.model, params)]).popitem()[1].shape[1])
 
   def init(self, rng: jax.Array, base_params) -> EditorState:
+    """params {"net": KENet parameters (torch's default initialisation, drawn on the host; the
+    token table copied from the model with embed_init="model")}; aux {}."""
     net = self._net(self._embed_dim)
     ids = jnp.ones((1, 2), jnp.int32)
     label = jnp.zeros((1,), jnp.int32) if self.model.task == "binary" else None

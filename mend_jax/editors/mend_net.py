@@ -93,6 +93,8 @@ class LowRankResidual(nn.Module):
 
 
 class ResidualMLP(nn.Module):
+  """n_layers LowRankResidual layers in sequence (x: [N, d], modes: [N])."""
+
   rank: int
   n_layers: int
   n_modes: int

@@ -187,6 +187,7 @@ class World:
   splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
   def relation(self, name: str) -> Relation:
+    """The Relation called `name` (KeyError listing the known ones)."""
     for rel in self.config.relations:
       if rel.name == name:
         return rel
