@@ -70,7 +70,7 @@ def prepare(config, progress: Callable | None = None) -> Task:
     pcfg = build_config(pretrain_lib.PretrainConfig, config.model.pretrain, "model.pretrain")
     model_dir = str(pretrain_lib.pretrain(data_dir, os.path.join(cache, "model"), pcfg, progress=progress))
   editable = tuple(config.model.editable) or None
-  model = load_model(model_dir, editable=editable)
+  model = load_model(model_dir, editable=editable, dtype=config.model.dtype)
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
   max_len = int(config.data.max_len)
   if model.max_length is not None and max_len > model.max_length:
@@ -86,7 +86,7 @@ def _prepare_facts(config) -> Task:
   seed, max_len = int(config.seed), int(config.data.max_len)
   cache = os.path.join(os.path.abspath(config.cache_dir), "models")
   name = str(config.model.name_or_path)
-  model = load_model(name, editable=tuple(config.model.editable) or None, cache=cache)
+  model = load_model(name, editable=tuple(config.model.editable) or None, dtype=config.model.dtype, cache=cache)
   if model.task != "causal_lm":
     raise ValueError(f"config.task='facts' edits a causal LM; {name!r} is a {model.task} model ({model.family.name})")
   tokenizer = models.load_tokenizer(str(config.model.tokenizer or name), cache=cache)
@@ -175,9 +175,9 @@ def _paper_model(config, texts):
     family = str(config.model.family)
     tokenizer = paper.tiny_tokenizer(family, texts)
     hf_cfg = paper.tiny_hf_config(family, tokenizer, max_len, config.model.get("tiny", None))
-    model = models.model_from_config(hf_cfg, editable=editable, seed=int(config.seed))
+    model = models.model_from_config(hf_cfg, editable=editable, seed=int(config.seed), dtype=config.model.dtype)
   else:
-    model = load_model(config.model.name_or_path, editable=editable)
+    model = load_model(config.model.name_or_path, editable=editable, dtype=config.model.dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.model.get("tokenizer") or config.model.name_or_path)
   if tokenizer.pad_token is None and tokenizer.eos_token is not None:
     # GPT tokenizers have no pad token: pad with eos. Padded positions are masked by attention_mask

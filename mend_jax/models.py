@@ -314,9 +314,29 @@ def _wrap(hf_model, editable: Sequence[str] | None, params=None, source: str | N
   return EditableModel(hf_model, family, layers, params, source)
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def as_dtype(params, dtype):
+  """params with every floating-point leaf in `dtype` (a jnp dtype or a name in DTYPES)."""
+  dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+  return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def _dtype(dtype):
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+  return dtype
+
+
 def model_from_config(hf_config, editable: Sequence[str] | None = None, seed: int = 0,
                       dtype=jnp.float32) -> EditableModel:
-  """A randomly initialised model of the family given by `hf_config.model_type`."""
+  """A randomly initialised model of the family given by `hf_config.model_type`, its parameters
+  and computation in `dtype` (float32 or bfloat16; editors keep their own state and the edit's
+  arithmetic in float32 and write the edited kernels back in this dtype)."""
+  dtype = _dtype(dtype)
   family = family_for_config(hf_config)
   if family.task == "binary" and getattr(hf_config, "num_labels", 1) != 1:
     hf_config.num_labels = 1
@@ -324,7 +344,7 @@ def model_from_config(hf_config, editable: Sequence[str] | None = None, seed: in
   # once (about twice the parameters' memory at peak).
   hf_model = _flax_class(family)(hf_config, seed=seed, dtype=dtype, _do_init=False)
   init = jax.jit(hf_model.init_weights, static_argnums=1)
-  params = init(jax.random.PRNGKey(seed), hf_model.input_shape)
+  params = as_dtype(init(jax.random.PRNGKey(seed), hf_model.input_shape), dtype)
   return _wrap(hf_model, editable, params)
 
 
@@ -334,9 +354,11 @@ def load_model(name_or_path: str, editable: Sequence[str] | None = None, dtype=j
   "smollm2-135m"), a llama-family .gguf file (converted once, `gguf_models.resolve`), a local
   Hugging Face directory (Flax msgpack or safetensors) or a hub name.
 
+  dtype: of the parameters and the computation (float32 or bfloat16, see `model_from_config`).
   cache: where a GGUF file is converted to (default `gguf_models.cache_root()`).
   Raises a clear error when the path holds no model or the family is unsupported.
   """
+  dtype = _dtype(dtype)
   path = gguf_models.resolve(name_or_path, cache)
   if os.path.sep in path or path.startswith("."):
     if not os.path.isdir(path):
@@ -360,7 +382,7 @@ def load_model(name_or_path: str, editable: Sequence[str] | None = None, dtype=j
   if set(tree.flatten(shapes)) - set(tree.flatten(params)):
     # Weights the checkpoint lacks (e.g. a new classification head) start as the class draws them.
     params = jax.jit(hf_model.init_weights, static_argnums=1)(rng, hf_model.input_shape, params)
-  return _wrap(hf_model, editable, params, source=path if os.path.isdir(path) else None)
+  return _wrap(hf_model, editable, as_dtype(params, dtype), source=path if os.path.isdir(path) else None)
 
 
 def load_tokenizer(name_or_path: str, cache: str | None = None):

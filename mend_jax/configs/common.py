@@ -2,7 +2,8 @@
 
   seed, task ("synthetic", "facts", "zsre", "fever", "wikitext"), alg (the editor: mend, ft, ft_kl, enn,
   ke), cache_dir, tiny (a tiny random model of the same family instead of the pretrained one);
-  model: name_or_path, tokenizer, family, editable (regexes; empty: the paper's layers), tiny
+  model: name_or_path, tokenizer, family, editable (regexes; empty: the paper's layers), dtype
+    (float32 or bfloat16: the base model's parameters and computation; editors stay float32), tiny
     (overrides of the tiny Hugging Face config), pretrain (PretrainConfig: the synthetic base model);
   data: max_len, train_path, val_path, test_path (and the task's extra files: nq_path,
     loc_train_path, loc_val_path, min_words), world (WorldConfig: the synthetic world);
@@ -45,7 +46,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   world = dataclasses.asdict(WorldConfig())
   del world["relations"]  # the default relations; not a command-line value
   c.model = ml_collections.ConfigDict({
-      "name_or_path": "", "tokenizer": "", "family": "", "editable": (),
+      "name_or_path": "", "tokenizer": "", "family": "", "editable": (), "dtype": "float32",
       "tiny": ml_collections.ConfigDict(), "pretrain": _section(PretrainConfig())})
   c.data = ml_collections.ConfigDict({
       "max_len": 32, "train_path": "", "val_path": "", "test_path": "", "nq_path": "", "loc_train_path": "",

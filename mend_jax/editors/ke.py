@@ -264,7 +264,8 @@ class KE(Editor):
       u = cap.u[layer.path].astype(jnp.float32) * c[:, None, :]
       d = cap.delta[layer.path].astype(jnp.float32) * (s[:, None] * r)[:, None, :]
       step = capture_lib.rank1_sum(u, d, layer.layout) + capture_lib.rank1_sum(q, s[:, None] * p, layer.layout)
-      new[layer.path] = kernels[layer.path] - step.astype(kernels[layer.path].dtype)
+      w = kernels[layer.path]
+      new[layer.path] = (w.astype(jnp.float32) - step).astype(w.dtype)  # in float32, stored in w's dtype
       norms.append(jnp.linalg.norm(step))
     info = {"loss_before": cap.loss, "update_norm": jnp.stack(norms), "gate": jnp.stack([f[4] for f in facs])}
     return tree.replace_leaves(params, new), info

@@ -154,7 +154,9 @@ class MEND(Editor):
       u_t, d_t = factors[layer.path]
       g = capture_lib.rank1_sum(u_t, d_t, layer.layout)
       step = editor_params["alpha"][i] * g
-      new[layer.path] = kernels[layer.path] + sign * step.astype(kernels[layer.path].dtype)
+      # In float32, then back to the kernel's dtype (a bfloat16 model keeps bfloat16 kernels).
+      w = kernels[layer.path]
+      new[layer.path] = (w.astype(jnp.float32) + sign * step).astype(w.dtype)
       upd_norm.append(jnp.linalg.norm(step))
     masks = self.masks(cap)
     info = {
