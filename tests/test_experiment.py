@@ -33,6 +33,24 @@ def cache(tmp_path_factory):
   return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def prepare_once():
+  """The runs of one task and variant share its prepared data and tiny model (tokenizer training,
+  data loading and model init happen once per worker); each run still trains and evaluates its own
+  editor through train_and_evaluate."""
+  real, done = experiment.prepare, {}
+
+  def cached(config, progress=None):
+    key = (config.task, config.model.name_or_path, config.cache_dir, config.data.train_path)
+    if key not in done:
+      done[key] = real(config, progress)
+    return done[key]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(experiment, "prepare", cached)
+    yield
+
+
 def tiny(name, variant, files, cache_dir, alg="mend"):
   c = load_config(name, variant)
   c.tiny = True

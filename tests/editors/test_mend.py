@@ -21,7 +21,8 @@ def _randomize_net(state, key, scale=0.05):
   return state._replace(params={**state.params, "net": net})
 
 
-@pytest.mark.parametrize("name", ["gpt2", "t5_gated", "bert"])
+# A causal LM and a gated seq2seq model (the classifier's capture is checked in test_capture.py).
+@pytest.mark.parametrize("name", ["gpt2", "t5_gated"])
 def test_identity_editor_is_one_sgd_step(name):
   model = tiny_model(name)
   batch = make_batch(model, seed=4, batch=3, pad=1)
