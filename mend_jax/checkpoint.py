@@ -263,9 +263,19 @@ class Checkpoints:
     self.mngr.close()
 
 
+def _with_defaults(alg, cfg):
+  """An editor config as stored, with the fields added to its class since then at their defaults
+  (they reproduce the behaviour the checkpoint was trained with)."""
+  if alg not in editors.NAMES or not isinstance(cfg, Mapping):
+    return cfg
+  return {**dataclasses.asdict(editors.config_class(alg)()), **cfg}
+
+
 def check_run(stored: Mapping, run: Mapping, workdir: str) -> None:
   """Raises CheckpointMismatch, naming the first difference, when a work directory's checkpoint
   (its meta `stored`) was made by a run whose fingerprint differs from `run`'s."""
+  stored = {**stored, "editor_config": _with_defaults(stored.get("alg"), stored.get("editor_config"))}
+  run = {**run, "editor_config": _with_defaults(run.get("alg"), run.get("editor_config"))}
   for key in FINGERPRINT_KEYS:
     if not _same(key, stored.get(key), run.get(key)):
       raise CheckpointMismatch(

@@ -154,3 +154,16 @@ def test_a_damaged_checkpoint_is_one_clear_error(damage, synth_setup, tmp_path):
   assert "checkpoints" in msg and "\n" not in msg, msg
   with pytest.raises(ckpt_lib.CheckpointError):  # resuming reads the same checkpoint
     train.fit(ed, dataclasses.replace(TCFG, max_steps=4), m.params, d, d, wd)
+
+
+def test_a_field_added_to_an_editor_config_keeps_old_checkpoints_usable():
+  """A checkpoint stored before a config field existed (here: without identity_init) matches a run
+  whose field is at its default, and not one that sets it otherwise."""
+  from mend_jax.editors import MENDConfig
+
+  run = {"alg": "mend", "editor_config": dataclasses.asdict(MENDConfig()), "family": "gpt2", "layers": [],
+         "model": {"config": "c", "weights": "w"}}
+  old = {**run, "editor_config": {k: v for k, v in run["editor_config"].items() if k != "identity_init"}}
+  ckpt_lib.check_run(old, run, "wd")
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match="editor_config"):
+    ckpt_lib.check_run(old, {**run, "editor_config": {**run["editor_config"], "identity_init": False}}, "wd")
