@@ -10,7 +10,8 @@ coincide). Every checkpoint has three items:
   meta:   strict JSON: the experiment config, the fingerprint (the editor's name and config, the
           model family, its editable layers with their shapes, and the base model's identity: a
           hash of its config and a checksum of its weights), loop bookkeeping, and a SHA-256 of
-          every array of the two other items, checked on restore.
+          every array of the two other items, checked on restore. Beside them, mend_jax_files.json holds
+          the SHA-256 of every file of the step, checked before Orbax reads any.
 A checkpoint is saved once per step, with its validation loss when it has one. Orbax writes each
 step to a temporary directory and renames it when complete, so a run killed mid-save leaves the
 previous checkpoints intact; leftovers of such a kill (temporary directories, a checkpoint the
@@ -182,12 +183,52 @@ def _best_step(mngr: ocp.CheckpointManager) -> int | None:
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, where: str, **items):
-  """mngr.restore of the given items of `step`, with any failure as one CheckpointError line."""
+  """mngr.restore of the given items of `step` after checking its files, with any failure as one
+  CheckpointError line."""
+  _check_files(mngr, step, where)
   try:
     return mngr.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types; each means an unreadable file
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     raise CheckpointError(f"checkpoint {where} (step {step}) cannot be read: {type(e).__name__}: {first}") from None
+
+
+FILES = "mend_jax_files.json"  # beside Orbax's items in a step directory: the SHA-256 of every file
+
+
+def _file_digests(step_dir: str) -> dict[str, str]:
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for f in files:
+      path = os.path.join(root, f)
+      rel = os.path.relpath(path, step_dir)
+      if rel == FILES:
+        continue
+      h = hashlib.sha256()
+      with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+          h.update(chunk)
+      out[rel] = h.hexdigest()
+  return out
+
+
+def _check_files(mngr: ocp.CheckpointManager, step: int, where: str) -> None:
+  """Before Orbax reads a step: every file it had when saved is there, unchanged (a damaged file
+  is one CheckpointError naming it, instead of errors from deep inside TensorStore). A step saved
+  without the record (a kill right after Orbax finished) is left to the array checksums."""
+  step_dir = os.path.join(str(mngr.directory), str(step))
+  record = os.path.join(step_dir, FILES)
+  if not os.path.isfile(record):
+    return
+  with open(record, encoding="utf-8") as f:
+    want = json.load(f)
+  got = _file_digests(step_dir)
+  for rel, digest_ in sorted(want.items()):
+    if rel not in got:
+      raise CheckpointError(f"checkpoint {where} (step {step}): file {rel} is missing")
+    if got[rel] != digest_:
+      raise CheckpointError(f"checkpoint {where} (step {step}): file {rel} does not match its checksum "
+                            "(changed, truncated or damaged)")
 
 
 def _verify(meta: Mapping, item: str, restored: Any, where: str, step: int) -> None:
@@ -243,6 +284,9 @@ class Checkpoints:
         meta=ocp.args.JsonSave(report.json_safe(meta))), metrics=metrics)
     crash_point("save", step)
     self.mngr.wait_until_finished()
+    step_dir = os.path.join(str(self.mngr.directory), str(step))
+    if os.path.isdir(step_dir):
+      report.write_json(os.path.join(step_dir, FILES), _file_digests(step_dir))
 
   def restore(self, editor_shapes: EditorState, train_shapes: Any) -> tuple[EditorState, Any, dict]:
     """(editor state, train state, meta) of the latest checkpoint, restored into the given
