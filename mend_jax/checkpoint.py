@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
-from mend_jax import editors, models, report, tree
+from mend_jax import editors, models, report, sharding, tree
 from mend_jax.data import batches
 from mend_jax.editors.base import Editor, EditorState
 from mend_jax.models import EditableModel
@@ -173,7 +173,16 @@ def _manager(workdir: str, create: bool) -> ocp.CheckpointManager:
 
 
 def _abstract(tree_):
-  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree_)
+  """The restore target of a tree of arrays or ShapeDtypeStructs: their shapes, dtypes and
+  shardings; a leaf with no sharding is restored onto the first local device (not onto the mesh
+  it was saved from)."""
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def target(x):
+    x = ocp.utils.to_shape_dtype_struct(x)
+    return x if x.sharding is not None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one)
+
+  return jax.tree_util.tree_map(target, tree_)
 
 
 def _best_step(mngr: ocp.CheckpointManager) -> int | None:
@@ -420,9 +429,12 @@ class LoadedEditor:
     return dataclasses.replace(self, state=self.editor.with_loc_pool(self.state, loc_pool))
 
 
-def load_editor(path: str, model: EditableModel, params=None, tokenizer=None) -> LoadedEditor:
+def load_editor(path: str, model: EditableModel, params=None, tokenizer=None, mesh=None,
+                shard_editor: bool = False) -> LoadedEditor:
   """Restores the editor saved in work directory `path` (its best checkpoint, else its latest)
   for `model` (whose parameters are `params`, default model.params), verifying its checksums.
+  With a device `mesh` (`mend_jax.sharding`) the state is restored onto it, replicated or split
+  over fsdp (shard_editor), whatever mesh it was saved from.
   The tokenizer (for edit_texts) defaults to the one beside the model's files, if any.
   Raises CheckpointMismatch if the checkpoint was made for another model family or other editable
   layers (and warns if for another base model), CheckpointError if it cannot be read,
@@ -433,6 +445,8 @@ def load_editor(path: str, model: EditableModel, params=None, tokenizer=None) ->
   editor = editors.make(meta.get("alg", "mend"), model, meta["editor_config"])
   check_fingerprint(meta, editor, repr(path), params)
   abstract = jax.eval_shape(editor.init, jax.random.PRNGKey(0), model.params if params is None else params)
+  if mesh is not None:
+    abstract = sharding.place(abstract, sharding.state_shardings(abstract, mesh, shard_editor))
   state = EditorState(*_restore(mngr, step, where, editor=ocp.args.StandardRestore(_abstract(abstract)))["editor"])
   _verify(meta, "editor", state, where, step)
   mngr.close()

@@ -1,7 +1,7 @@
 """From a config to a trained, evaluated, saved editor: what the command line calls.
 
 The config schema is `mend_jax.configs.common` (one for every experiment): seed, task, alg,
-cache_dir, tiny, model, data, train, eval, and one section per editor named after it (mend, ft,
+cache_dir, tiny, model, data, train, eval, mesh, and one section per editor named after it (mend, ft,
 ft_kl, enn, ke).
 """
 
@@ -19,7 +19,7 @@ import transformers
 from absl import logging
 
 from mend_jax import checkpoint as ckpt_lib
-from mend_jax import editors, models, paper, report, tree
+from mend_jax import editors, models, paper, report, sharding, tree
 from mend_jax import evaluate as eval_lib
 from mend_jax import train as train_lib
 from mend_jax.data import formats, official, realfacts
@@ -50,11 +50,31 @@ def _plain(cfg) -> dict:
   return json.loads(cfg.to_json()) if hasattr(cfg, "to_json") else json.loads(json.dumps(cfg))
 
 
+def mesh_from_config(config):
+  """The device mesh config.mesh asks for (`sharding.make_mesh`), or None for one device
+  (data = fsdp = 1)."""
+  data, fsdp = config.mesh.data, config.mesh.fsdp
+  mesh = sharding.make_mesh(data, fsdp)  # checks the sizes
+  return None if data * fsdp == 1 else mesh
+
+
 def prepare(config, progress: Callable | None = None) -> Task:
-  """Builds (and caches under config.cache_dir) the data and base model that `config` names.
+  """Builds (and caches under config.cache_dir) the data and base model that `config` names,
+  with the model's parameters placed on config.mesh's devices (`mend_jax.sharding`) if it asks
+  for more than one.
 
   progress: passed to `pretrain.pretrain` when the synthetic base model has to be trained.
   """
+  mesh = mesh_from_config(config)
+  task = _prepare(config, progress)
+  if mesh is None:
+    return task
+  params = sharding.shard_params(task.model, task.model.params, mesh)
+  logging.info("base model placed on a mesh of %s", sharding.describe(mesh))
+  return dataclasses.replace(task, model=dataclasses.replace(task.model, params=params))
+
+
+def _prepare(config, progress: Callable | None = None) -> Task:
   if config.task not in TASKS:
     raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
   if config.task == "facts":
@@ -253,7 +273,8 @@ def train_and_evaluate(config, workdir: str, progress: Callable | None = None) -
                f"{num_params(editor, task.model.params):,}")
   if editor.learned:
     _, summary = train_lib.fit(editor, tcfg, task.model.params, task.train, task.val, workdir,
-                               seed=int(config.seed), meta=meta, progress=progress)
+                               seed=int(config.seed), meta=meta, progress=progress,
+                               mesh=mesh_from_config(config), shard_editor=bool(config.mesh.shard_editor))
   else:
     summary = ckpt_lib.save_untrained(editor, task.model.params, workdir, int(config.seed), meta)
   ckpt_lib.crash_point("before_eval")
@@ -271,8 +292,10 @@ def train_and_evaluate(config, workdir: str, progress: Callable | None = None) -
   return results
 
 
-def _loaded(workdir: str, task: Task) -> ckpt_lib.LoadedEditor:
-  loaded = ckpt_lib.load_editor(workdir, task.model)
+def _loaded(workdir: str, task: Task, config=None) -> ckpt_lib.LoadedEditor:
+  """The saved editor, on the mesh of the task's model (if any; split as config.mesh says)."""
+  split = bool(config.mesh.shard_editor) if config is not None else False
+  loaded = ckpt_lib.load_editor(workdir, task.model, mesh=sharding.mesh_of(task.model.params), shard_editor=split)
   return loaded.with_loc_pool(loc_pool(task.train)) if loaded.editor.needs_loc_pool else loaded
 
 
@@ -280,7 +303,7 @@ def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str 
                      k: int | None = None) -> dict:
   """Batched evaluation (`evaluate.evaluate`) of the editor saved in workdir on a split."""
   task = task or prepare(config)
-  loaded = _loaded(workdir, task)
+  loaded = _loaded(workdir, task, config)
   data = getattr(task, split)
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
   res = eval_lib.evaluate(loaded.editor, loaded.state, task.model.params, data, n_edits=n,
@@ -296,7 +319,7 @@ def evaluate_k_sweep(config, workdir: str, task: Task | None = None, split: str 
   """Batched and sequential editing for each k (`evaluate.evaluate_ks`) with the saved editor.
   Writes workdir/results_k.json, workdir/results_k.md (the table) and workdir/k_sweep.png."""
   task = task or prepare(config)
-  loaded = _loaded(workdir, task)
+  loaded = _loaded(workdir, task, config)
   data = getattr(task, split)
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
   res = eval_lib.evaluate_ks(loaded.editor, loaded.state, task.model.params, data, tuple(ks), n, sequential,

@@ -28,7 +28,7 @@ import optax
 from absl import logging
 
 from mend_jax import checkpoint as ckpt_lib
-from mend_jax import losses, report, tree
+from mend_jax import losses, report, sharding, tree
 from mend_jax.data.batches import EditData
 from mend_jax.editors.base import Editor, EditorState
 
@@ -125,10 +125,15 @@ def _initial_state(editor: Editor, tx: optax.GradientTransformation, rng: jax.Ar
   return TrainState(jnp.zeros((), jnp.int32), st, tx.init(st.params), jnp.zeros((), jnp.int32))
 
 
-def init_state(editor: Editor, tx: optax.GradientTransformation, seed: int, base_params=None) -> TrainState:
+def init_state(editor: Editor, tx: optax.GradientTransformation, seed: int, base_params=None,
+               mesh=None, shard_editor: bool = False) -> TrainState:
   """The initial state, built under jit (no eager temporaries: the editor of the 6x768 benchmark
-  has 59M parameters, plus two Adam moments)."""
-  return jax.jit(functools.partial(_initial_state, editor, tx))(jax.random.PRNGKey(seed), base_params)
+  has 59M parameters, plus two Adam moments); on `mesh`, placed by `sharding.state_shardings`."""
+  init = functools.partial(_initial_state, editor, tx)
+  out = None
+  if mesh is not None:
+    out = sharding.state_shardings(state_shapes(editor, tx, seed, base_params), mesh, shard_editor)
+  return jax.jit(init, out_shardings=out)(jax.random.PRNGKey(seed), base_params)
 
 
 def state_shapes(editor: Editor, tx: optax.GradientTransformation, seed: int, base_params=None) -> TrainState:
@@ -146,11 +151,14 @@ def _join(editor_state: EditorState, rest: Mapping) -> TrainState:
 
 
 @functools.lru_cache(maxsize=32)
-def make_train_step(editor: Editor, cfg: TrainConfig, fault: Callable | None = None):
+def make_train_step(editor: Editor, cfg: TrainConfig, fault: Callable | None = None, mesh=None,
+                    shard_editor: bool = False):
   """One jitted micro-step (state, base_params, batch) -> (state, metrics), donating the state.
-  Cached per (editor, config), so repeated `fit` calls in one process compile once.
+  Cached per (editor, config, mesh), so repeated `fit` calls in one process compile once.
 
-  `fault(loss, step)` lets a test inject a non-finite loss."""
+  On `mesh`, the base parameters and the batch come sharded (`mend_jax.sharding`) and the new
+  state keeps the state's placement (replicated, or split with shard_editor); metrics are
+  replicated. `fault(loss, step)` lets a test inject a non-finite loss."""
   tx = make_optimizer(cfg, editor)
   objective = cfg.objective
 
@@ -167,12 +175,16 @@ def make_train_step(editor: Editor, cfg: TrainConfig, fault: Callable | None = N
     new_params = optax.apply_updates(state.editor.params, updates)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "skipped": (~ok).astype(jnp.float32)}
-    return TrainState(
+    new_state = TrainState(
         step=state.step + 1,
         editor=EditorState(keep(new_params, state.editor.params), keep(new_aux, state.editor.aux)),
         opt_state=keep(new_opt, state.opt_state),
         n_skipped=state.n_skipped + (~ok).astype(jnp.int32),
-    ), metrics
+    )
+    if mesh is not None:
+      new_state = jax.lax.with_sharding_constraint(new_state, sharding.state_shardings(new_state, mesh, shard_editor))
+      metrics = jax.lax.with_sharding_constraint(metrics, sharding.replicated(mesh))
+    return new_state, metrics
 
   return jax.jit(step_fn, donate_argnums=(0,))
 
@@ -189,16 +201,22 @@ def make_eval_step(editor: Editor, cfg: TrainConfig):
   return jax.jit(eval_fn)
 
 
-def validate(eval_step, editor_state: EditorState, base_params, data: EditData, cfg: TrainConfig) -> dict:
+def _on(mesh, batch):
+  return batch if mesh is None else sharding.shard_batch(batch, mesh)
+
+
+def validate(eval_step, editor_state: EditorState, base_params, data: EditData, cfg: TrainConfig,
+             mesh=None) -> dict:
   """Mean metrics over the first n_val records, one edit at a time (a fixed subset and fixed
-  shapes), each with the n_loc locality rows that follow it. Keys are prefixed "val/"."""
+  shapes), each with the n_loc locality rows that follow it (on `mesh`: split over its data
+  axis where they divide). Keys are prefixed "val/"."""
   n = min(cfg.n_val, len(data))
   out: dict[str, list] = {}
   for i in range(n):
     if i == n // 2:
       ckpt_lib.crash_point("validate")
     loc_idx = np.arange(i, i + cfg.n_loc) % len(data)
-    m = eval_step(editor_state, base_params, data.batch(np.array([i]), loc_idx))
+    m = eval_step(editor_state, base_params, _on(mesh, data.batch(np.array([i]), loc_idx)))
     for k, v in m.items():
       out.setdefault(k, []).append(float(v))
   return {f"val/{k}": float(np.mean(v)) for k, v in out.items()}
@@ -210,7 +228,8 @@ class TrainingFailed(ValueError):
 
 def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: EditData, workdir: str,
         seed: int = 0, meta: Mapping | None = None, fault: Callable | None = None,
-        progress: Callable[[int, int, Mapping[str, float]], None] | None = None) -> tuple[TrainState, dict]:
+        progress: Callable[[int, int, Mapping[str, float]], None] | None = None, mesh=None,
+        shard_editor: bool = False) -> tuple[TrainState, dict]:
   """The training loop (module docstring). Resumes from workdir's latest checkpoint if there is one.
 
   Args:
@@ -221,6 +240,9 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
     seed: the data order and the editor's initialisation; batch s depends only on (seed, s).
     meta: JSON-able metadata stored with every checkpoint (the experiment config).
     progress: called after every micro-step with (step, max_steps, the last logged metric row).
+    mesh: a (data, fsdp) Mesh (`mend_jax.sharding`): base_params should be placed on it
+      (`sharding.shard_params`); batches are split over its data axis; the state is replicated,
+      or split over fsdp with shard_editor. A checkpoint restores onto any mesh (or none).
   Returns:
     (final state, summary {steps, best_val_loss, stopped_early, n_skipped, train_time_s}).
   Raises:
@@ -237,11 +259,14 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
   mngr = ckpt_lib.Checkpoints(workdir, run)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if mngr.latest_step() is None:
-    state, extra = init_state(editor, tx, seed, base_params), {}
+    state, extra = init_state(editor, tx, seed, base_params, mesh, shard_editor), {}
     if os.path.exists(metrics_path):
       os.remove(metrics_path)  # rows of a run that never reached a checkpoint
   else:  # shapes first, restored into: the state is allocated once
-    editor_state, rest, extra = mngr.restore(*_split(state_shapes(editor, tx, seed, base_params)))
+    shapes = state_shapes(editor, tx, seed, base_params)
+    if mesh is not None:
+      shapes = sharding.place(shapes, sharding.state_shardings(shapes, mesh, shard_editor))
+    editor_state, rest, extra = mngr.restore(*_split(shapes))
     state = _join(editor_state, rest)
     # Rows logged after this checkpoint are logged again by this run.
     report.filter_jsonl(metrics_path, lambda row: row.get("step", 0) <= int(state.step))
@@ -249,7 +274,7 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
   best_val = extra.get("best_val")
   best_val = float("inf") if best_val is None else float(best_val)
   bad_vals = extra.get("bad_vals", 0)
-  train_step = make_train_step(editor, cfg, fault)
+  train_step = make_train_step(editor, cfg, fault, mesh, shard_editor)
   eval_step = make_eval_step(editor, cfg)
   t0 = time.time()
   acc: dict[str, list] = {}
@@ -261,7 +286,7 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
     while step < cfg.max_steps:
       batch = train.sample(seed, step, cfg.n_edits, cfg.n_loc)
       ckpt_lib.crash_point("compile" if step == first else "step", step)
-      state, m = train_step(state, base_params, batch)
+      state, m = train_step(state, base_params, _on(mesh, batch))
       step += 1
       for k, v in m.items():
         acc.setdefault(k, []).append(v)
@@ -272,7 +297,7 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
         log.write(report.dumps(row) + "\n")
         log.flush()
       if step % cfg.val_every == 0 or step == cfg.max_steps:
-        vm = validate(eval_step, state.editor, base_params, val, cfg)
+        vm = validate(eval_step, state.editor, base_params, val, cfg, mesh)
         improved = bool(vm["val/loss"] < best_val)  # a NaN loss never improves
         if improved:
           best_val, bad_vals = vm["val/loss"], 0

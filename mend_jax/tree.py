@@ -26,6 +26,19 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
   return traverse_util.unflatten_dict(dict(flat), sep=SEP)
 
 
+def path_str(key_path) -> str:
+  """The "/"-joined path of a jax key path (`jax.tree_util.tree_map_with_path`)."""
+  parts = []
+  for k in key_path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return SEP.join(parts)
+
+
 def get_leaves(tree: Mapping[str, Any], paths: Iterable[str]) -> dict[str, Any]:
   """{path: leaf} for the given paths. Raises KeyError naming a path the tree lacks."""
   flat = flatten(tree)

@@ -64,7 +64,7 @@ def test_one_manager_keeps_the_latest_and_the_best_checkpoint(synth_setup, tmp_p
   cfg = dataclasses.replace(TCFG, max_steps=10, val_every=2, ckpt_every=3, accumulate=1)
   seen = []
 
-  def fake_validate(eval_step, editor_state, base_params, data, cfg):
+  def fake_validate(eval_step, editor_state, base_params, data, cfg, mesh=None):
     step = 2 * (len(seen) + 1)
     seen.append(step)
     return {"val/loss": losses_by_step[step], "val/edit_success": 0.0, "val/loc_agree": 1.0}

@@ -8,6 +8,8 @@
   data: max_len, train_path, val_path, test_path (and the task's extra files: nq_path,
     loc_train_path, loc_val_path, min_words), world (WorldConfig: the synthetic world);
   train: TrainConfig;  eval: n_test (-1: all), k, show_edit;
+  mesh: data, fsdp (a device mesh of data x fsdp devices, `mend_jax.sharding`; 1 x 1: one device),
+    shard_editor (split the editor's state over fsdp instead of replicating it);
   mend, ft, ft_kl, enn, ke: each editor's config (MENDConfig, FTConfig, ...), used when alg names it.
 
 Every section holds all its fields, and configs are locked: a misspelt key, in a config file or a
@@ -53,6 +55,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       "loc_val_path": "", "min_words": 0, "world": ml_collections.ConfigDict(world)})
   c.train = _section(TrainConfig())
   c.eval = ml_collections.ConfigDict({"n_test": -1, "k": 1, "show_edit": False})
+  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "shard_editor": False})
   for name in editors.NAMES:
     c[name] = _section(editors.config_class(name)())
   return c

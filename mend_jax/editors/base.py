@@ -26,7 +26,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mend_jax import losses, models, tree
+from mend_jax import losses, models, sharding, tree
 from mend_jax.models import EditableModel
 
 Batch = Mapping[str, jax.Array]
@@ -159,7 +159,8 @@ def jit_edit(editor: Editor, from_base: bool = False, static_argnames: tuple[str
   it (`Editor.edit`).
 
   The compiled program returns only the edited leaves (`model.layer_paths`); they are put into
-  the caller's tree on the host, whose other leaves are the caller's own (immutable) arrays. A
+  the caller's tree on the host, whose other leaves are the caller's own (immutable) arrays. On a
+  device mesh (`mend_jax.sharding`) each edited kernel keeps the sharding of the one it replaces. A
   jitted function copies every leaf it returns unchanged (JAX does not forward inputs to
   outputs): 0.1-0.15 s for a GPT-2 with 82M parameters on 2 CPU threads.
 
@@ -196,6 +197,7 @@ def _compiled_edit(editor: Editor, from_base: bool, static_argnames: tuple[str, 
     begin = start(state, params)
     if check:
       check_edit_result(editor.model, begin, info)
+    leaves = sharding.match_placement(leaves, tree.get_leaves(begin, paths))
     return tree.replace_leaves(begin, leaves), info
 
   call._cache_size = compiled._cache_size
