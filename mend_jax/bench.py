@@ -49,10 +49,11 @@ OFFICIAL = {
 ALG_CFG = {"mend": {"rank": 1920}, "enn": {}, "ke": {}, "ft": {"lr": 1e-4}, "ft_kl": {"lr": 1e-4}}
 
 
-def measure(alg: str, reps: int, n_layer: int, width: int) -> dict:
-  """Times and memory of editor `alg` on the workload (module docstring) in this process."""
+def measure(alg: str, reps: int, n_layer: int, width: int, dtype: str = "float32") -> dict:
+  """Times and memory of editor `alg` on the workload (module docstring) in this process, on
+  JAX's default device, with the base model in `dtype` (float32 or bfloat16)."""
   cfg = tf.GPT2Config(n_layer=n_layer, n_embd=width, n_head=max(1, width // 64), vocab_size=50257, n_positions=1024)
-  model = models.model_from_config(cfg)
+  model = models.model_from_config(cfg, dtype=dtype)
   params = model.params
   editor = editors.make(alg, model, ALG_CFG[alg])
   rng = np.random.default_rng(0)
@@ -76,7 +77,8 @@ def measure(alg: str, reps: int, n_layer: int, width: int) -> dict:
       times.append(time.perf_counter() - t0)
     return times
 
-  out = {"alg": alg, "n_layer": n_layer, "width": width, "model_params": tree.num_elements(params)}
+  out = {"alg": alg, "n_layer": n_layer, "width": width, "model_params": tree.num_elements(params), "dtype": dtype,
+         "device": jax.devices()[0].device_kind}
   tcfg = train.TrainConfig(n_edits=10, n_loc=10, accumulate=1, kl_positions="all")
   if editor.learned:
     step = train.make_train_step(editor, tcfg)
@@ -111,6 +113,9 @@ def measure(alg: str, reps: int, n_layer: int, width: int) -> dict:
   out["floor_compile_s"] = timed(run_floor, 1)[0]
   out["floor_s"] = float(np.median(timed(run_floor, reps)))
   out["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:  # accelerators: the device's own peak
+    out["device_peak_gb"] = stats["peak_bytes_in_use"] / 1024 ** 3
   # After the peak is read (these compile and allocate more). Learned editors only (one FT edit is
   # many passes): A/B of the edit against plain jax.jit(editor.edit), which copies every unedited
   # leaf out of the program; the two run alternately, so a slow spell of the machine hits both.
@@ -127,10 +132,15 @@ def measure(alg: str, reps: int, n_layer: int, width: int) -> dict:
   if editor.learned:
     state = train.init_state(editor, train.make_optimizer(tcfg, editor), 0, params)
     out["train_step_gflop"] = _gflop(step, state, params, batch)
-  a, b = jnp.ones((1024, 4096)), jnp.ones((4096, 4096))
+  a, b = jnp.ones((1024, 4096), params_dtype(params)), jnp.ones((4096, 4096), params_dtype(params))
   mm = jax.jit(jnp.matmul)
   out["matmul_gflops"] = 2 * 1024 * 4096 * 4096 / 1e9 / min(timed(lambda: mm(a, b), reps + 1)[1:])
   return out
+
+
+def params_dtype(params):
+  """The floating dtype of the model's parameters."""
+  return next(x.dtype for x in jax.tree_util.tree_leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
 
 
 def _gflop(jitted, *args) -> float:
@@ -139,19 +149,26 @@ def _gflop(jitted, *args) -> float:
   return float(cost.get("flops", float("nan"))) / 1e9
 
 
-def run_child(alg: str, threads: int, reps: int, n_layer: int = 6, width: int = 768) -> dict:
-  """`measure` in a fresh process pinned to `threads` cores (so peak memory is its own), through
-  `python -m mend_jax.cli bench --child`, which writes its result to a JSON file."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}").strip(),
-         "OMP_NUM_THREADS": str(threads)}
+def run_child(alg: str, threads: int, reps: int, n_layer: int = 6, width: int = 768, dtype: str = "float32",
+              platform: str = "cpu") -> dict:
+  """`measure` in a fresh process (so peak memory is its own), through `python -m mend_jax.cli
+  bench --child`, which writes its result to a JSON file. platform "cpu": pinned to `threads`
+  cores; otherwise JAX's default accelerator (threads unused)."""
+  if platform == "cpu":
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}").strip(),
+           "OMP_NUM_THREADS": str(threads)}
+    pin = ["taskset", "-c", ",".join(str(i) for i in range(threads))]
+  else:
+    env, pin = {**os.environ, "JAX_PLATFORMS": platform}, []
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "result.json")
-    cmd = ["taskset", "-c", ",".join(str(i) for i in range(threads)), sys.executable, "-m", "mend_jax.cli", "bench",
-           "--child", out, "--algs", alg, "--reps", str(reps), "--layers", str(n_layer), "--width", str(width)]
+    cmd = [*pin, sys.executable, "-m", "mend_jax.cli", "bench", "--child", out, "--algs", alg, "--reps", str(reps),
+           "--layers", str(n_layer), "--width", str(width), "--dtype", dtype]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.isfile(out):
-      raise RuntimeError(f"benchmark child {alg} ({threads} thread(s), {n_layer}x{width}) failed:\n{proc.stderr[-2000:]}")
+      raise RuntimeError(f"benchmark child {alg} ({platform}, {threads} thread(s), {n_layer}x{width}, {dtype}) failed:\n"
+                         f"{proc.stderr[-2000:]}")
     with open(out) as f:
       return json.load(f)
 

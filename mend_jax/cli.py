@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from mend_jax import bench, checkpoint, configs, editors, experiment, report
+from mend_jax import bench, checkpoint, configs, editors, experiment, models, report
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -299,10 +299,11 @@ def bench_main(argv: list[str] | None = None) -> None:
   ap.add_argument("--width", type=int, default=768, help="GPT-2 width (default 768)")
   ap.add_argument("--out", default=None, help="append the tables to this markdown file")
   ap.add_argument("--json", default=None, help="write the raw results to this JSON file")
+  ap.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES), help="the base model's dtype")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: measure, write JSON here
   args = ap.parse_args((sys.argv if argv is None else argv)[1:])
   if args.child:
-    report.write_json(args.child, bench.measure(args.algs, args.reps, args.layers, args.width))
+    report.write_json(args.child, bench.measure(args.algs, args.reps, args.layers, args.width, args.dtype))
     return
   alg_list = [a.strip() for a in args.algs.split(",") if a.strip()]
   if not alg_list or any(a not in editors.NAMES for a in alg_list):
@@ -320,7 +321,7 @@ def bench_main(argv: list[str] | None = None) -> None:
     for n in threads:
       print(f"[{alg}, {n} thread(s), GPT-2 {args.layers}x{args.width}] ...", flush=True)
       try:
-        results.append({**bench.run_child(alg, n, args.reps, args.layers, args.width), "threads": n})
+        results.append({**bench.run_child(alg, n, args.reps, args.layers, args.width, args.dtype), "threads": n})
       except RuntimeError as e:
         sys.exit(f"error: {e}")
   text = bench.table(results) + "\n\n" + bench.bound_table(results)
