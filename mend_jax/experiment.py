@@ -8,6 +8,7 @@ ft_kl, enn, ke).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -233,6 +234,39 @@ def _prepare_paper(config) -> Task:
               build(test, f"{config.task} test"))
 
 
+CACHE_MODES = ("", "memory", "disk")
+
+
+def with_cached_activations(config, task: Task, editor: Editor, workdir: str, splits=("train", "val", "test")) -> Task:
+  """The task with cached frozen activations in the given splits (`EditData.with_cached_activations`)
+  when config.data.cache_activations asks for them ("memory", or "disk": memory-mapped files in
+  workdir/activations, named by the model's identity and each split's tokens)."""
+  mode = str(config.data.cache_activations)
+  if mode not in CACHE_MODES:
+    raise ValueError(f"config.data.cache_activations must be one of {CACHE_MODES}, got {mode!r}")
+  if not mode:
+    return task
+  if not editor.frozen_prefix:
+    logging.warning("%s changes the blocks below the edited layers: activations are not cached", editor.name)
+    return task
+  key = ckpt_lib.model_identity(task.model, task.model.params)["weights"]
+  directory = os.path.join(workdir, "activations") if mode == "disk" else None
+  t0 = time.time()
+  out = {}
+  for split in splits:
+    data = getattr(task, split)
+    if data.edit.hidden is not None:
+      continue
+    h = hashlib.sha256(key.encode())
+    for view in (data.edit, data.equiv, data.loc):
+      h.update(np.ascontiguousarray(view.input_ids).tobytes())
+      h.update(np.ascontiguousarray(view.attention_mask).tobytes())
+    out[split] = data.with_cached_activations(task.model, task.model.params, dtype=str(config.data.cache_dtype),
+                                              directory=directory, name=f"{split}_{h.hexdigest()[:12]}")
+  logging.info("cached the input of %s for %s in %.1f s", task.model.cache_block, list(splits), time.time() - t0)
+  return dataclasses.replace(task, **out)
+
+
 def make_editor(config, model: EditableModel) -> Editor:
   """The editor config.alg names, configured by its own section (config.mend, config.enn, ...);
   unknown names or keys raise a clear error."""
@@ -271,6 +305,7 @@ def train_and_evaluate(config, workdir: str, progress: Callable | None = None) -
   logging.info("base model: %s, editing %d layers %s; %s parameters: %s", task.model.family.name,
                len(task.model.layers), list(task.model.layer_paths), editor.name,
                f"{num_params(editor, task.model.params):,}")
+  task = with_cached_activations(config, task, editor, workdir)
   if editor.learned:
     _, summary = train_lib.fit(editor, tcfg, task.model.params, task.train, task.val, workdir,
                                seed=int(config.seed), meta=meta, progress=progress,
@@ -304,6 +339,7 @@ def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str 
   """Batched evaluation (`evaluate.evaluate`) of the editor saved in workdir on a split."""
   task = task or prepare(config)
   loaded = _loaded(workdir, task, config)
+  task = with_cached_activations(config, task, loaded.editor, workdir, (split,))
   data = getattr(task, split)
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
   res = eval_lib.evaluate(loaded.editor, loaded.state, task.model.params, data, n_edits=n,
@@ -320,6 +356,7 @@ def evaluate_k_sweep(config, workdir: str, task: Task | None = None, split: str 
   Writes workdir/results_k.json, workdir/results_k.md (the table) and workdir/k_sweep.png."""
   task = task or prepare(config)
   loaded = _loaded(workdir, task, config)
+  task = with_cached_activations(config, task, loaded.editor, workdir, (split,))
   data = getattr(task, split)
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
   res = eval_lib.evaluate_ks(loaded.editor, loaded.state, task.model.params, data, tuple(ks), n, sequential,

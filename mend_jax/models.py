@@ -247,6 +247,49 @@ class EditableModel:
     rx = re.compile(self.family.head_local(self.config))
     return frozenset(l.path for l in self.layers if rx.search(l.path))
 
+  @property
+  def cache_block(self) -> str | None:
+    """The module path of the lowest block that holds an editable layer (e.g. "transformer/h/3"),
+    whose input hidden state is a constant of each input as long as only the editable layers
+    change: `block_input` computes it, and `logits` starts from it when a batch carries it as
+    "hidden". Seq2seq models: in the encoder only (the decoder reads the encoder's output, which
+    edited encoder layers change). None where no block holds an editable layer."""
+    blocks = []
+    for layer in self.layers:
+      parts = layer.path.split("/")
+      idx = next((i for i, q in enumerate(parts) if q.isdigit()), None)
+      if idx is None:
+        continue
+      stack = "/".join(parts[:idx])
+      if self.task == "seq2seq" and "encoder" not in stack:
+        continue
+      blocks.append((stack, int(parts[idx])))
+    if not blocks:
+      return None
+    stack = blocks[0][0]  # the first stack of the model's layer order (an encoder before a decoder)
+    return f"{stack}/{min(i for st, i in blocks if st == stack)}"
+
+  def block_input(self, params: Params, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The hidden state entering `cache_block`: [B, T, D] (encoder positions for seq2seq), in the
+    model's dtype. Under jit only the blocks below it are computed (the rest is dead code)."""
+    block = self.cache_block
+    if block is None:
+      raise ValueError(f"no block of this {self.family.name} model holds an editable layer "
+                       f"{list(self.layer_paths)}; there is no frozen prefix to cache")
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+      if context.method_name == "__call__" and "/".join(context.module.path) == block:
+        seen.append(args[0] if args else kwargs["hidden_states"])
+      return next_fun(*args, **kwargs)
+
+    plain = {k: v for k, v in batch.items() if k != "hidden"}
+    with nn.intercept_methods(record):
+      self.logits(params, plain)
+    if len(seen) != 1:
+      raise ValueError(f"expected one call of block {block!r} per forward pass, saw {len(seen)}")
+    return seen[0]
+
   def logits(self, params: Params, batch: Mapping[str, jax.Array]) -> jax.Array:
     """Forward pass. Returns [B,T,V] (causal_lm), [B,T_dec,V] (seq2seq) or [B] (binary).
 
@@ -254,7 +297,14 @@ class EditableModel:
     `mend_jax.data.read_positions`) a sequence model returns [B,P,V]: the vocabulary projection,
     about half a token's forward cost on a small GPT-2, runs only there. The head's input is
     gathered where the model calls its `lm_head`, which every supported family does.
+
+    With batch["hidden"] ([B,T,D], `block_input` of the same inputs under the same frozen
+    blocks) the forward starts from it at `cache_block`: under jit the blocks below are never
+    computed. The result equals the full forward pass as long as only the editable layers differ
+    from the parameters the hidden state was computed with.
     """
+    if "hidden" in batch:
+      return self._logits_from(params, batch)
     kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], params=params)
     if self.task == "seq2seq":
       kw.update(decoder_input_ids=batch["decoder_input_ids"],
@@ -275,6 +325,26 @@ class EditableModel:
     """The same model editing another set of layers."""
     params = self.params if self.params is not None else self.hf_model.params
     return dataclasses.replace(self, layers=resolve_layers(params, regexes, self.family.kernel_layout))
+
+
+  def _logits_from(self, params: Params, batch: Mapping[str, jax.Array]) -> jax.Array:
+    block, hidden, calls = self.cache_block, batch["hidden"], []
+    if block is None:
+      raise ValueError("batch['hidden'] was given, but no block of this model holds an editable layer")
+
+    def substitute(next_fun, args, kwargs, context):
+      if context.method_name != "__call__" or "/".join(context.module.path) != block:
+        return next_fun(*args, **kwargs)
+      calls.append(1)
+      if args:
+        return next_fun(hidden.astype(args[0].dtype), *args[1:], **kwargs)
+      return next_fun(*args, **{**kwargs, "hidden_states": hidden.astype(kwargs["hidden_states"].dtype)})
+
+    with nn.intercept_methods(substitute):
+      out = self.logits(params, {k: v for k, v in batch.items() if k != "hidden"})
+    if len(calls) != 1:
+      raise ValueError(f"expected one call of block {block!r} per forward pass, saw {len(calls)}")
+    return out
 
 
 def _logits_at(hf_model, kw, read_pos: jax.Array) -> jax.Array:
@@ -345,6 +415,18 @@ def model_from_config(hf_config, editable: Sequence[str] | None = None, seed: in
   hf_model = _flax_class(family)(hf_config, seed=seed, dtype=dtype, _do_init=False)
   init = jax.jit(hf_model.init_weights, static_argnums=1)
   params = as_dtype(init(jax.random.PRNGKey(seed), hf_model.input_shape), dtype)
+  return _wrap(hf_model, editable, params)
+
+
+def abstract_model(hf_config, editable: Sequence[str] | None = None, dtype=jnp.float32) -> EditableModel:
+  """A model of `hf_config` whose params are jax.ShapeDtypeStructs (no weights are allocated):
+  for compiling and planning memory at sizes that do not fit this machine (`jax.jit(...).lower`)."""
+  dtype = _dtype(dtype)
+  family = family_for_config(hf_config)
+  hf_model = _flax_class(family)(hf_config, dtype=dtype, _do_init=False)
+  shapes = jax.eval_shape(lambda rng: hf_model.init_weights(rng, hf_model.input_shape), jax.random.PRNGKey(0))
+  params = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), shapes)
   return _wrap(hf_model, editable, params)
 
 
@@ -463,6 +545,13 @@ def check_batch(model: EditableModel, batch: Mapping[str, Any]) -> None:
     dtype = np.dtype(batch[k].dtype) if hasattr(batch[k], "dtype") else np.asarray(batch[k]).dtype
     if not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
       raise ValueError(f"batch[{k!r}] has dtype {dtype}; expected integers (token ids, masks, labels)")
+  if "hidden" in batch:
+    h = shape["hidden"]
+    if len(h) != 3 or h[:2] != (b, t):
+      raise ValueError(f"batch['hidden'] has shape {h}; expected [batch={b}, time={t}, width] (the cached input of "
+                       f"block {model.cache_block!r})")
+    if not np.issubdtype(np.dtype(batch["hidden"].dtype), np.floating) and batch["hidden"].dtype != jnp.bfloat16:
+      raise ValueError(f"batch['hidden'] has dtype {batch['hidden'].dtype}; expected floating point")
   limit = model.max_length
   for k in ("input_ids", "decoder_input_ids"):
     if k in batch and limit is not None and shape[k][1] > limit:

@@ -252,6 +252,9 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
   """
   if not editor.learned:
     raise ValueError(f"editor {editor.name!r} has nothing to train; save it with checkpoint.save_untrained")
+  if not editor.frozen_prefix and (train.edit.hidden is not None or val.edit.hidden is not None):
+    raise ValueError(f"editor {editor.name!r} changes the blocks below the edited layers; train it without cached "
+                     "activations")
   run = {**dict(meta or {}), **ckpt_lib.fingerprint(editor, base_params)}
   ckpt_lib.check_workdir(workdir, run)  # refuse a directory of another run before writing anything
   os.makedirs(workdir, exist_ok=True)

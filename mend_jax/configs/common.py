@@ -6,7 +6,10 @@
     (float32 or bfloat16: the base model's parameters and computation; editors stay float32), tiny
     (overrides of the tiny Hugging Face config), pretrain (PretrainConfig: the synthetic base model);
   data: max_len, train_path, val_path, test_path (and the task's extra files: nq_path,
-    loc_train_path, loc_val_path, min_words), world (WorldConfig: the synthetic world);
+    loc_train_path, loc_val_path, min_words), world (WorldConfig: the synthetic world),
+    cache_activations ("": off; "memory" or "disk": the hidden state entering the lowest edited
+    block, computed once per record, so training and evaluation run only the edited blocks and
+    the head; "disk" keeps memory-mapped files in the work directory), cache_dtype;
   train: TrainConfig;  eval: n_test (-1: all), k, show_edit;
   mesh: data, fsdp (a device mesh of data x fsdp devices, `mend_jax.sharding`; 1 x 1: one device),
     shard_editor (split the editor's state over fsdp instead of replicating it);
@@ -52,7 +55,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       "tiny": ml_collections.ConfigDict(), "pretrain": _section(PretrainConfig())})
   c.data = ml_collections.ConfigDict({
       "max_len": 32, "train_path": "", "val_path": "", "test_path": "", "nq_path": "", "loc_train_path": "",
-      "loc_val_path": "", "min_words": 0, "world": ml_collections.ConfigDict(world)})
+      "loc_val_path": "", "min_words": 0, "world": ml_collections.ConfigDict(world), "cache_activations": "",
+      "cache_dtype": "float32"})
   c.train = _section(TrainConfig())
   c.eval = ml_collections.ConfigDict({"n_test": -1, "k": 1, "show_edit": False})
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "shard_editor": False})

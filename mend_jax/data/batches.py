@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Mapping, Sequence
 
+import jax
 import numpy as np
 
 from mend_jax import models
@@ -37,7 +39,9 @@ class Tokenized:
 
   By task (see `encode_seq2seq`, `encode_binary`): seq2seq adds decoder_input_ids and
   decoder_attention_mask [N, max_len] (labels and kl_mask are then over decoder positions);
-  binary has labels [N] in {0, 1} and no kl_mask. Fields that are None are left out of batches.
+  binary has labels [N] in {0, 1} and no kl_mask. hidden: the model's hidden state entering its
+  lowest edited block for each row, if cached (`models.EditableModel.block_input`); a batch that
+  carries it skips the blocks below. Fields that are None are left out of batches.
   """
 
   input_ids: np.ndarray
@@ -46,6 +50,7 @@ class Tokenized:
   kl_mask: np.ndarray | None = None
   decoder_input_ids: np.ndarray | None = None
   decoder_attention_mask: np.ndarray | None = None
+  hidden: np.ndarray | None = None  # [N, T, D]: cached frozen activations (`EditData.with_cached_activations`)
 
   def take(self, idx) -> dict[str, np.ndarray]:
     """The rows idx as a batch dict, with read_pos/read_mask (see `read_positions`) for sequence
@@ -263,6 +268,11 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int, what: str = "exa
   return Tokenized(ids, attn, labels, attn.copy())
 
 
+@functools.lru_cache(maxsize=16)
+def _block_input_fn(model: models.EditableModel):
+  return jax.jit(model.block_input)
+
+
 REQUIRED = ("src", "alt", "rephrase", "loc", "loc_ans")
 # Record fields each data task needs (see EditData.from_records).
 TASK_FIELDS = {
@@ -275,7 +285,8 @@ TASK_FIELDS = {
 
 @dataclasses.dataclass(frozen=True)
 class EditData:
-  """The tokenised views of a list of records, index-aligned."""
+  """The tokenised views of a list of records, index-aligned (optionally with cached frozen
+  activations, `with_cached_activations`)."""
 
   edit: Tokenized
   equiv: Tokenized
@@ -334,6 +345,59 @@ class EditData:
     """{"edit", "equiv", "loc"} batches for the records at idx (locality rows loc_idx, default idx)."""
     loc_idx = idx if loc_idx is None else loc_idx
     return {"edit": self.edit.take(idx), "equiv": self.equiv.take(idx), "loc": self.loc.take(loc_idx)}
+
+  def with_cached_activations(self, model: models.EditableModel, params, batch_size: int = 64,
+                              dtype: str = "float32", directory: str | None = None,
+                              name: str = "data") -> "EditData":
+    """This data with every row's hidden state entering the model's lowest edited block
+    (`EditableModel.block_input` under `params`) computed once and carried in its batches as
+    "hidden", so training and evaluation run only the edited blocks and the head. Valid for every
+    editor that changes only the editable layers (not ENN, which trains the whole model).
+
+    Args:
+      batch_size: rows per forward pass while computing.
+      dtype: "float32" or "bfloat16" (half the memory; the forward then starts from rounded values).
+      directory: keep the arrays in memory-mapped .npy files there (written to a temporary name,
+        then renamed; an existing file of the same name and shape is reused) instead of in memory.
+      name: the files' prefix in `directory`.
+    """
+    if dtype not in models.DTYPES:
+      raise ValueError(f"cached activation dtype must be one of {sorted(models.DTYPES)}, got {dtype!r}")
+    np_dtype = np.dtype(models.DTYPES[dtype])
+    fn = _block_input_fn(model)
+    views = {}
+    for view in ("edit", "equiv", "loc"):
+      tok: Tokenized = getattr(self, view)
+      plain = dataclasses.replace(tok, hidden=None)
+      n = len(tok)
+      first = np.asarray(fn(params, plain.take(np.arange(min(batch_size, n)))))
+      shape = (n,) + first.shape[1:]
+      path = None if directory is None else os.path.join(directory, f"{name}_{view}_{dtype}.npy")
+      if path is not None and os.path.isfile(path):
+        old = np.load(path, mmap_mode="r")
+        if old.shape == shape and old.dtype == np_dtype:
+          views[view] = dataclasses.replace(plain, hidden=old)
+          continue
+      if path is None:
+        out = np.empty(shape, np_dtype)
+      else:
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
+      for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        if len(idx) < batch_size:  # one compiled shape: pad the last chunk
+          idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
+        h = np.asarray(fn(params, plain.take(idx)))
+        stop = min(start + batch_size, n)
+        out[start:stop] = h[: stop - start].astype(np_dtype)
+      if path is not None:
+        out.flush()
+        del out
+        os.replace(tmp, path)
+        out = np.load(path, mmap_mode="r")
+      views[view] = dataclasses.replace(plain, hidden=out)
+    return dataclasses.replace(self, **views)
 
   def sample(self, seed: int, step: int, n_edits: int, n_loc: int):
     """The training batch of `step`: a pure function of (seed, step)."""

@@ -52,6 +52,9 @@ class Editor(abc.ABC):
     cfg: the editor's frozen config dataclass (an instance of `config_class`).
     learned: whether `fit` trains it (False for FT, FT+KL: nothing to train).
     needs_loc_pool: whether an edit samples locality data, given by `with_loc_pool` (FT+KL).
+    frozen_prefix: whether every parameter outside the editable layers stays the base model's,
+      so that cached activations of the frozen blocks below them stay valid (False for ENN,
+      which trains the whole model).
     static_edit_args: keyword arguments of `edit` that are static under jit.
   """
 
@@ -59,6 +62,7 @@ class Editor(abc.ABC):
   config_class: type = object
   learned: bool = True
   needs_loc_pool: bool = False
+  frozen_prefix: bool = True
   static_edit_args: tuple[str, ...] = ()
 
   def __init__(self, model: EditableModel, cfg: Any):

@@ -64,6 +64,8 @@ class ENN(Editor):
     new_params, info = enn.jit_edit(state, enn.pre_edit_params(state, base_params), edit_batch)
   """
 
+  frozen_prefix = False  # it trains every parameter of its copy of the model
+
   name = "enn"
   config_class = ENNConfig
   learned = True
