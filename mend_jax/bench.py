@@ -49,9 +49,11 @@ OFFICIAL = {
 ALG_CFG = {"mend": {"rank": 1920}, "enn": {}, "ke": {}, "ft": {"lr": 1e-4}, "ft_kl": {"lr": 1e-4}}
 
 
-def measure(alg: str, reps: int, n_layer: int, width: int, dtype: str = "float32") -> dict:
+def measure(alg: str, reps: int, n_layer: int, width: int, dtype: str = "float32", cached: bool = False) -> dict:
   """Times and memory of editor `alg` on the workload (module docstring) in this process, on
-  JAX's default device, with the base model in `dtype` (float32 or bfloat16)."""
+  JAX's default device, with the base model in `dtype` (float32 or bfloat16). cached: the
+  batches carry the input of the lowest edited block (cached frozen activations, computed once
+  before timing), so the steps run only the edited blocks and the head."""
   cfg = tf.GPT2Config(n_layer=n_layer, n_embd=width, n_head=max(1, width // 64), vocab_size=50257, n_positions=1024)
   model = models.model_from_config(cfg, dtype=dtype)
   params = model.params
@@ -67,6 +69,11 @@ def measure(alg: str, reps: int, n_layer: int, width: int, dtype: str = "float32
     return {k: jnp.asarray(v) for k, v in b.items()}
 
   edit, loc = seqs(), seqs(read_pos=False)
+  if cached:
+    if not editor.frozen_prefix:
+      raise ValueError(f"{alg} changes the frozen blocks; it cannot use cached activations")
+    block_input = jax.jit(model.block_input)
+    edit, loc = ({**b, "hidden": block_input(params, b)} for b in (edit, loc))
   batch = {"edit": edit, "equiv": edit, "loc": loc}
 
   def timed(fn, n):
@@ -78,7 +85,7 @@ def measure(alg: str, reps: int, n_layer: int, width: int, dtype: str = "float32
     return times
 
   out = {"alg": alg, "n_layer": n_layer, "width": width, "model_params": tree.num_elements(params), "dtype": dtype,
-         "device": jax.devices()[0].device_kind}
+         "cached": cached, "device": jax.devices()[0].device_kind}
   tcfg = train.TrainConfig(n_edits=10, n_loc=10, accumulate=1, kl_positions="all")
   if editor.learned:
     step = train.make_train_step(editor, tcfg)
@@ -108,7 +115,7 @@ def measure(alg: str, reps: int, n_layer: int, width: int, dtype: str = "float32
     out["ft_success"] = bool(np.all(info["success"]))
 
   floor = jax.jit(jax.value_and_grad(lambda p, b: losses.nll("causal_lm", model.logits(p, b), b)))
-  plain = {k: v for k, v in edit.items() if not k.startswith("read_")}
+  plain = {k: v for k, v in edit.items() if not k.startswith("read_") and k != "hidden"}
   run_floor = lambda: floor(params, plain)
   out["floor_compile_s"] = timed(run_floor, 1)[0]
   out["floor_s"] = float(np.median(timed(run_floor, reps)))
@@ -150,7 +157,7 @@ def _gflop(jitted, *args) -> float:
 
 
 def run_child(alg: str, threads: int, reps: int, n_layer: int = 6, width: int = 768, dtype: str = "float32",
-              platform: str = "cpu") -> dict:
+              platform: str = "cpu", cached: bool = False) -> dict:
   """`measure` in a fresh process (so peak memory is its own), through `python -m mend_jax.cli
   bench --child`, which writes its result to a JSON file. platform "cpu": pinned to `threads`
   cores; otherwise JAX's default accelerator (threads unused)."""
@@ -164,7 +171,7 @@ def run_child(alg: str, threads: int, reps: int, n_layer: int = 6, width: int = 
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "result.json")
     cmd = [*pin, sys.executable, "-m", "mend_jax.cli", "bench", "--child", out, "--algs", alg, "--reps", str(reps),
-           "--layers", str(n_layer), "--width", str(width), "--dtype", dtype]
+           "--layers", str(n_layer), "--width", str(width), "--dtype", dtype, *(["--cached"] if cached else [])]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.isfile(out):
       raise RuntimeError(f"benchmark child {alg} ({platform}, {threads} thread(s), {n_layer}x{width}, {dtype}) failed:\n"
@@ -225,8 +232,10 @@ def bound_table(results: list) -> str:
   return "\n".join(rows)
 
 
-def heading(algs: str, threads: str, reps: int, n_layer: int, width: int) -> str:
+def heading(algs: str, threads: str, reps: int, n_layer: int, width: int, dtype: str = "float32",
+            cached: bool = False) -> str:
   """The line that introduces a table in docs/: the command, the machine, the date."""
   size = "" if (n_layer, width) == (6, 768) else f" --layers {n_layer} --width {width}"
+  size += ("" if dtype == "float32" else f" --dtype {dtype}") + (" --cached" if cached else "")
   return (f"`mend-bench --algs {algs} --threads {threads} --reps {reps}{size}` on "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.")

@@ -300,10 +300,12 @@ def bench_main(argv: list[str] | None = None) -> None:
   ap.add_argument("--out", default=None, help="append the tables to this markdown file")
   ap.add_argument("--json", default=None, help="write the raw results to this JSON file")
   ap.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES), help="the base model's dtype")
+  ap.add_argument("--cached", action="store_true",
+                  help="batches carry cached frozen activations: only the edited blocks and the head run")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: measure, write JSON here
   args = ap.parse_args((sys.argv if argv is None else argv)[1:])
   if args.child:
-    report.write_json(args.child, bench.measure(args.algs, args.reps, args.layers, args.width, args.dtype))
+    report.write_json(args.child, bench.measure(args.algs, args.reps, args.layers, args.width, args.dtype, args.cached))
     return
   alg_list = [a.strip() for a in args.algs.split(",") if a.strip()]
   if not alg_list or any(a not in editors.NAMES for a in alg_list):
@@ -321,7 +323,8 @@ def bench_main(argv: list[str] | None = None) -> None:
     for n in threads:
       print(f"[{alg}, {n} thread(s), GPT-2 {args.layers}x{args.width}] ...", flush=True)
       try:
-        results.append({**bench.run_child(alg, n, args.reps, args.layers, args.width, args.dtype), "threads": n})
+        results.append({**bench.run_child(alg, n, args.reps, args.layers, args.width, args.dtype, cached=args.cached),
+                        "threads": n})
       except RuntimeError as e:
         sys.exit(f"error: {e}")
   text = bench.table(results) + "\n\n" + bench.bound_table(results)
@@ -330,7 +333,8 @@ def bench_main(argv: list[str] | None = None) -> None:
     report.write_json(args.json, results)
   if args.out:
     with open(args.out, "a") as f:
-      f.write(f"\n{bench.heading(args.algs, args.threads, args.reps, args.layers, args.width)}\n\n{text}\n")
+      f.write(f"\n{bench.heading(args.algs, args.threads, args.reps, args.layers, args.width, args.dtype, args.cached)}"
+              f"\n\n{text}\n")
 
 
 COMMANDS = {"train": train, "evaluate": evaluate, "edit": edit, "bench": bench_main}

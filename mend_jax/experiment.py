@@ -263,7 +263,8 @@ def with_cached_activations(config, task: Task, editor: Editor, workdir: str, sp
       h.update(np.ascontiguousarray(view.attention_mask).tobytes())
     out[split] = data.with_cached_activations(task.model, task.model.params, dtype=str(config.data.cache_dtype),
                                               directory=directory, name=f"{split}_{h.hexdigest()[:12]}")
-  logging.info("cached the input of %s for %s in %.1f s", task.model.cache_block, list(splits), time.time() - t0)
+  if out:
+    logging.info("cached the input of %s for %s in %.1f s", task.model.cache_block, list(out), time.time() - t0)
   return dataclasses.replace(task, **out)
 
 

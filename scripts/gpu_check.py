@@ -8,8 +8,8 @@ the machine's accelerator, and one markdown table of what they measured.
    float64 references, which TensorFloat-32 products would miss). Tests that start their own
    processes on simulated CPU devices still run there.
 2. Benchmarks (`mend_jax.bench`, one process each): every editor's training step and edit on the
-   6-layer GPT-2 workload, and MEND on a 24-layer GPT-2 of width 768 editing the last 3 blocks,
-   with the base model in float32 and in bfloat16: median seconds, the plain forward + backward
+   6-layer GPT-2 workload, and MEND on a 24-layer GPT-2 of width 768 editing the last 3 blocks
+   (in full, and with cached frozen activations), with the base model in float32 and in bfloat16: median seconds, the plain forward + backward
    floor, compile times and the device's peak memory.
 The table is printed and written to --out (default: gpu.md in the current directory).
 A GPU is never needed for the tests; this script is for machines that have one.
@@ -71,19 +71,21 @@ def main():
     print(lines[-2] if "log_tail" not in t else t["log_tail"], flush=True)
   lines += ["| editor | model | dtype | train step s | edit s | floor s | compile s: step, edit | device peak GB |",
             "|---|---|---|---|---|---|---|---|"]
-  jobs = [(alg, 6, 768) for alg in args.algs.split(",") if alg] + [("mend", 24, 768)]
-  for alg, n_layer, width in jobs:
+  jobs = [(alg, 6, 768, False) for alg in args.algs.split(",") if alg] + [("mend", 24, 768, False),
+                                                                             ("mend", 24, 768, True)]
+  for alg, n_layer, width, cached in jobs:
     for dtype in ("float32", "bfloat16"):
-      print(f"[{alg} {n_layer}x{width} {dtype}] ...", flush=True)
+      size = f"{n_layer}x{width}" + (", cached" if cached else "")
+      print(f"[{alg} {size} {dtype}] ...", flush=True)
       try:
-        r = bench.run_child(alg, 1, args.reps, n_layer, width, dtype, platform=args.platform)
+        r = bench.run_child(alg, 1, args.reps, n_layer, width, dtype, platform=args.platform, cached=cached)
       except RuntimeError as e:
-        lines.append(f"| {alg} | {n_layer}x{width} | {dtype} | failed: {str(e).splitlines()[-1][:120]} | | | | |")
+        lines.append(f"| {alg} | {size} | {dtype} | failed: {str(e).splitlines()[-1][:120]} | | | | |")
         continue
       step = f"{r['train_step_s']:.4f}" if "train_step_s" in r else "-"
       comp = (f"{r['train_step_compile_s']:.1f}" if "train_step_compile_s" in r else "-") + f", {r['edit_compile_s']:.1f}"
       peak = f"{r['device_peak_gb']:.2f}" if "device_peak_gb" in r else f"{r['peak_gb']:.2f} (host)"
-      lines.append(f"| {alg} | {n_layer}x{width} | {dtype} | {step} | {r['edit_s']:.4f} | {r['floor_s']:.4f} | {comp} "
+      lines.append(f"| {alg} | {size} | {dtype} | {step} | {r['edit_s']:.4f} | {r['floor_s']:.4f} | {comp} "
                    f"| {peak} |")
       print(lines[-1], flush=True)
   text = "\n".join(lines) + "\n"
