@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from mend_jax import bench, checkpoint, configs, editors, experiment, models, report
+from mend_jax.configs import common
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -165,7 +166,7 @@ def _stored_config(workdir: str):
   meta = checkpoint.read_meta(workdir)
   if "config" not in meta:
     raise ValueError(f"the checkpoint in {workdir!r} has no stored experiment config")
-  return ml_collections.ConfigDict(meta["config"])
+  return common.from_stored(meta["config"])
 
 
 # ---------------------------------------------------------------------------- commands

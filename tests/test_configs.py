@@ -1,11 +1,14 @@
 """The config schema: one for every experiment, locked against typos; the paper configs carry the
 official names and hyperparameters; variants change only what they say."""
 
+import json
+
 import pytest
 
 import paper_samples as S
 from conftest import load_config
 from mend_jax import configs, editors, models, paper
+from mend_jax.configs import common
 
 # Official config/model/*.yaml names, by (config, variant).
 OFFICIAL_NAMES = {
@@ -88,3 +91,13 @@ def test_tiny_models_are_of_the_paper_family():
     assert all(p.split("/")[-2] in (layer, "wo") for p in m.layer_paths), m.layer_paths
   with pytest.raises(ValueError, match="model.tiny.no_such_field"):
     paper.tiny_hf_config("t5", tok, 32, {"no_such_field": 1})
+
+
+def test_a_stored_config_from_an_older_schema_gets_the_new_fields_at_their_defaults():
+  stored = json.loads(load_config("synthetic").to_json())
+  stored["train"]["lr"] = 0.5
+  del stored["mesh"], stored["data"]["cache_activations"]  # fields an older checkpoint lacks
+  c = common.from_stored(stored)
+  assert c.train.lr == 0.5 and c.mesh.data == 1 and c.data.cache_activations == ""
+  with pytest.raises(AttributeError):
+    c.train.nope = 1  # locked like every config

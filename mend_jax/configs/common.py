@@ -65,6 +65,24 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   return c
 
 
+def from_stored(stored) -> ml_collections.ConfigDict:
+  """The config a checkpoint stored (a dict, `experiment` meta["config"]) on today's schema:
+  fields added to the schema since it was saved take their defaults (they reproduce the
+  behaviour it was run with); locked."""
+  stored = dict(stored)
+  c = base_config(str(stored.get("task", "synthetic")))
+
+  def merge(dst, src):
+    for k, v in src.items():
+      if isinstance(v, dict) and k in dst and isinstance(dst[k], ml_collections.ConfigDict):
+        merge(dst[k], v)
+      else:
+        dst[k] = v
+
+  merge(c, stored)
+  return lock(c)
+
+
 def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Locks the config against new keys (model.tiny stays open). Returns c."""
   c.lock()
