@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 
 from mend_jax import losses
 from mend_jax.models import EditableModel
@@ -122,3 +123,24 @@ def rank1_sum(u: jax.Array, delta: jax.Array, layout: str) -> jax.Array:
   if layout == "in_out":
     return u2.T @ d2  # [d_in, d_out]
   return d2.T @ u2  # [d_out, d_in]
+
+
+def least_squares(u: jax.Array, delta: jax.Array, log_lambda: jax.Array, layout: str) -> jax.Array:
+  """The ridge least-squares update of one layer, in the kernel's own orientation:
+  lambda (K^T K + lambda I)^-1 K^T D with keys K = u rows [N, d_in], values D = delta rows
+  [N, d_out], lambda = exp(log_lambda). The factor lambda keeps the scale of the summed update
+  K^T D = `rank1_sum`, which it approaches as lambda -> infinity; a small lambda makes the update
+  fit each key's value instead of adding them up. Float32, by a Cholesky factorisation of the
+  smaller Gram matrix: K K^T [N, N] (the dual form, K^T (K K^T + lambda I)^-1 D) when N <= d_in,
+  else K^T K [d_in, d_in]. Zero rows (masked tokens) take no part."""
+  k = u.reshape(-1, u.shape[-1]).astype(jnp.float32)
+  d = delta.reshape(-1, delta.shape[-1]).astype(jnp.float32)
+  lam = jnp.exp(log_lambda.astype(jnp.float32))
+  n, d_in = k.shape
+  if n <= d_in:
+    gram = k @ k.T + lam * jnp.eye(n, dtype=jnp.float32)
+    s = lam * (k.T @ jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), d))
+  else:
+    gram = k.T @ k + lam * jnp.eye(d_in, dtype=jnp.float32)
+    s = lam * jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), k.T @ d)
+  return s if layout == "in_out" else s.T  # [d_in, d_out] or [d_out, d_in]

@@ -3,7 +3,8 @@
 Per edited layer l, with u, delta from `capture` and mask = tokens where both are non-zero:
   1. u_n, delta_n = normalise(u), normalise(delta) with the running statistics of l's editor;
   2. (u~, delta~) = g_l(u_n, delta_n), g_l the editor for l's weight shape, in mode l;
-  3. grad~_l = sum over masked tokens (all edits of the batch) of delta~_t u~_t^T;
+  3. grad~_l = sum over masked tokens (all edits of the batch) of delta~_t u~_t^T, or with
+     aggregation="least_squares" the ridge solve over those rows (`capture.least_squares`);
   4. W~_l = W_l - alpha_l * grad~_l.
 Only the editable leaves change; every other leaf of the returned tree is the input leaf.
 """
@@ -47,8 +48,9 @@ def make_groups(model: EditableModel, shared: bool) -> tuple[Group, ...]:
 class MEND(Editor):
   """A MEND editor for one model and one set of editable layers.
 
-  State: EditorState(params={"net": {group: network params}, "alpha": [n_layers] learned steps},
-  aux={group: {"u": RunningStats, "delta": RunningStats}}), the normalisation statistics.
+  State: EditorState(params={"net": {group: network params}, "alpha": [n_layers] learned steps,
+  with least squares also "log_lambda": [n_layers]}, aux={group: {"u": RunningStats, "delta":
+  RunningStats}}), the normalisation statistics.
 
   Usage:
     editor = MEND(model, MENDConfig(rank=64))
@@ -77,7 +79,10 @@ class MEND(Editor):
       nets[g.key] = self.nets[g.key].init(jax.random.fold_in(rng, i), u, d, jnp.zeros((1,), jnp.int32))["params"]
     alpha = jnp.full((len(self.model.layers),), self.cfg.edit_lr, jnp.float32)
     st = {g.key: {"u": stats_lib.init(g.d_in), "delta": stats_lib.init(g.d_out)} for g in self.groups}
-    return EditorState({"net": nets, "alpha": alpha}, st)
+    params = {"net": nets, "alpha": alpha}
+    if self.cfg.aggregation == "least_squares":
+      params["log_lambda"] = jnp.full((len(self.model.layers),), self.cfg.log_lambda, jnp.float32)
+    return EditorState(params, st)
 
   # ---------------------------------------------------------------- pieces
   def capture(self, params, batch) -> capture_lib.Capture:
@@ -135,13 +140,27 @@ class MEND(Editor):
       if self.cfg.norm:
         u_all = stats_lib.normalize(stats[g.key]["u"], u_all)
         d_all = stats_lib.normalize(stats[g.key]["delta"], d_all)
-      u_t, d_t = self.nets[g.key].apply({"params": net_params[g.key]}, u_all, d_all, modes)
+      u_t, d_t = self._run_net(g.key, net_params[g.key], u_all, d_all, modes)
       # Masked rows (padding, no gradient) take no part in the update.
       u_t, d_t = u_t * mask, d_t * mask
       bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
       for k, p in enumerate(paths):
         out[p] = (u_t[bounds[k]:bounds[k + 1]], d_t[bounds[k]:bounds[k + 1]])
     return out
+
+  def _run_net(self, key: str, net_params, u: jax.Array, d: jax.Array, modes: jax.Array):
+    """The network of group `key` on rows u [N, d_in], d [N, d_out]; with cfg.chunk, chunk rows
+    at a time (padded to a whole number of chunks), each chunk's activations recomputed for the
+    gradient instead of stored."""
+    apply = lambda u_, d_, m_: self.nets[key].apply({"params": net_params}, u_, d_, m_)
+    c, n = self.cfg.chunk, u.shape[0]
+    if not c or n <= c:
+      return apply(u, d, modes)
+    pad = -n % c
+    padded = [jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x for x in (u, d, modes)]
+    chunks = [x.reshape((-1, c) + x.shape[1:]) for x in padded]
+    u_t, d_t = jax.lax.map(jax.checkpoint(lambda xs: apply(*xs)), tuple(chunks))
+    return u_t.reshape((-1,) + u_t.shape[2:])[:n], d_t.reshape((-1,) + d_t.shape[2:])[:n]
 
   def apply_updates(self, editor_params: dict, stats: dict, model_params, cap: capture_lib.Capture,
                     diagnostics: bool = False):
@@ -152,7 +171,10 @@ class MEND(Editor):
     new, upd_norm = {}, []
     for i, layer in enumerate(self.model.layers):
       u_t, d_t = factors[layer.path]
-      g = capture_lib.rank1_sum(u_t, d_t, layer.layout)
+      if self.cfg.aggregation == "least_squares":
+        g = capture_lib.least_squares(u_t, d_t, editor_params["log_lambda"][i], layer.layout)
+      else:
+        g = capture_lib.rank1_sum(u_t, d_t, layer.layout)
       step = editor_params["alpha"][i] * g
       # In float32, then back to the kernel's dtype (a bfloat16 model keeps bfloat16 kernels).
       w = kernels[layer.path]
@@ -203,8 +225,12 @@ class MEND(Editor):
 
   # ---------------------------------------------------------------- training
   def param_labels(self, train_params: dict) -> dict:
-    """The networks train with lr ("net"); the per-layer steps alpha with lr_lr ("alpha")."""
-    return {"net": jax.tree_util.tree_map(lambda _: "net", train_params["net"]), "alpha": "alpha"}
+    """The networks train with lr ("net"); the per-layer steps alpha (and least squares' per-layer
+    log lambda) with lr_lr ("alpha")."""
+    labels = {"net": jax.tree_util.tree_map(lambda _: "net", train_params["net"]), "alpha": "alpha"}
+    if "log_lambda" in train_params:
+      labels["log_lambda"] = "alpha"
+    return labels
 
   def loss(self, train_params: dict, aux: dict, base_params, batch, objective: losses.Objective,
            train: bool = True):

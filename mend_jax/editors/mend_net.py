@@ -25,6 +25,9 @@ def relu_grad1(x: jax.Array) -> jax.Array:
   return jnp.where(x >= 0, x, jnp.zeros_like(x))
 
 
+AGGREGATIONS = ("sum", "least_squares")
+
+
 @dataclasses.dataclass(frozen=True)
 class MENDConfig:
   """Hyperparameters of MEND (names follow the official config where they exist).
@@ -40,6 +43,13 @@ class MENDConfig:
   norm: normalise u and delta with running statistics.
   edit_lr: initial value of each layer's learned step alpha.
   descent: W' = W - alpha * grad~ (the paper). False reproduces the official code's W + alpha * grad~.
+  aggregation: how a layer's token rows make its update grad~: "sum" (the paper: sum_t delta~_t
+    u~_t^T) or "least_squares" (the matrix whose outputs on the keys u~ best match delta~, ridge
+    lambda_l learned per layer: lambda (K^T K + lambda I)^-1 K^T D, K = u~ rows, D = delta~ rows;
+    `capture.least_squares`). The factor lambda keeps its scale: lambda -> infinity gives the sum.
+  log_lambda: initial log(lambda_l) of every layer (least_squares).
+  chunk: rows per call of the network (0: all rows in one call); larger batches of edits then
+    hold one chunk's activations at a time (recomputed for the gradient).
   """
 
   rank: int = 1920
@@ -54,6 +64,9 @@ class MENDConfig:
   norm: bool = True
   edit_lr: float = 1e-4
   descent: bool = True
+  aggregation: str = "sum"
+  log_lambda: float = 0.0
+  chunk: int = 0
 
   def __post_init__(self):
     if self.rank < 1:
@@ -66,6 +79,10 @@ class MENDConfig:
       raise ValueError("MENDConfig: at most one of x_only, delta_only, one_sided may be set")
     if self.combine and (self.x_only or self.delta_only or self.one_sided):
       raise ValueError("MENDConfig.combine cannot be used with x_only, delta_only or one_sided")
+    if self.aggregation not in AGGREGATIONS:
+      raise ValueError(f"MENDConfig.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+    if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 0:
+      raise ValueError(f"MENDConfig.chunk must be an integer >= 0 (0: no chunking), got {self.chunk!r}")
 
 
 class LowRankResidual(nn.Module):

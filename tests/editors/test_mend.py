@@ -155,3 +155,78 @@ def test_head_local_layers_have_delta_only_at_read_positions(name):
   st = st._replace(params={**st.params, "net": net})
   a, r = ed.jit_edit(st, model.params, full_b)[0], ed.jit_edit(st, model.params, read_b)[0]
   chex.assert_trees_all_close(r, a, rtol=1e-5, atol=1e-7)
+
+
+def _ls_reference(u, d, log_lambda):
+  """lambda (K^T K + lambda I)^-1 K^T D in float64 numpy, by a plain solve in the primal form."""
+  k, v = np.asarray(u, np.float64), np.asarray(d, np.float64)
+  lam = np.exp(log_lambda)
+  return lam * np.linalg.solve(k.T @ k + lam * np.eye(k.shape[1]), k.T @ v)
+
+
+@pytest.mark.parametrize("n", [5, 40])  # fewer rows than d_in (the dual form) and more (the primal form)
+def test_least_squares_solve_matches_float64(n):
+  rng = np.random.default_rng(n)
+  u = rng.normal(size=(n, 16)).astype(np.float32)
+  d = rng.normal(size=(n, 12)).astype(np.float32)
+  u[1] = 0.0  # a masked row takes no part
+  for log_lam in (-1.0, 0.5, 3.0):
+    want = _ls_reference(u, d, log_lam)
+    got = capture.least_squares(jnp.asarray(u), jnp.asarray(d), jnp.float32(log_lam), "in_out")
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5 * np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(capture.least_squares(u, d, jnp.float32(log_lam), "out_in")), want.T,
+                               rtol=2e-4, atol=2e-5 * np.abs(want).max())
+  # lambda -> infinity: the summed update sum_t u_t d_t^T; a small lambda fits the values instead.
+  big = capture.least_squares(u, d, jnp.float32(25.0), "in_out")
+  summed = capture.rank1_sum(jnp.asarray(u), jnp.asarray(d), "in_out")
+  np.testing.assert_allclose(np.asarray(big), np.asarray(summed), rtol=1e-3, atol=1e-3 * float(jnp.abs(summed).max()))
+  if n < 16:  # more unknowns than rows: the keys' outputs match the values almost exactly
+    fit = capture.least_squares(u, d, jnp.float32(-12.0), "in_out") / np.exp(-12.0)
+    np.testing.assert_allclose(np.asarray(u @ fit)[[0, 2, 3, 4]], d[[0, 2, 3, 4]], atol=1e-2)
+
+
+def test_least_squares_editor_trains_its_lambda_and_differs_from_the_sum():
+  model = tiny_model("gpt2")
+  batch = make_batch(model, seed=2, batch=3)
+  ls = MEND(model, MENDConfig(rank=8, aggregation="least_squares", log_lambda=0.0))
+  state = _randomize_net(ls.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+  assert state.params["log_lambda"].shape == (len(model.layers),)
+  assert ls.param_labels(state.params)["log_lambda"] == "alpha"
+  new, info = ls.jit_edit(state, model.params, batch)
+  summed = MEND(model, MENDConfig(rank=8))
+  new_sum, _ = summed.jit_edit(state._replace(params={k: v for k, v in state.params.items() if k != "log_lambda"}),
+                               model.params, batch)
+  p = model.layer_paths[0]
+  assert not np.allclose(_flat(new)[p], _flat(new_sum)[p])
+  # The gradient reaches log_lambda (so training can set each layer's ridge).
+  loss = lambda lp: losses.nll(model.task, model.logits(ls.edit(state._replace(
+      params={**state.params, "log_lambda": lp}), model.params, batch, check=False)[0], batch), batch)
+  g = jax.grad(loss)(state.params["log_lambda"])
+  assert np.all(np.isfinite(g)) and float(jnp.abs(g).max()) > 0
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "least_squares"])
+def test_chunked_editor_network_gives_the_same_edit_and_gradient(aggregation):
+  model = tiny_model("gpt2")
+  batch = make_batch(model, seed=3, batch=4)  # 4 x 8 rows per layer: chunks of 5 leave a padded last chunk
+  whole = MEND(model, MENDConfig(rank=8, aggregation=aggregation))
+  chunked = MEND(model, MENDConfig(rank=8, aggregation=aggregation, chunk=5))
+  state = _randomize_net(whole.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(2))
+  a, _ = whole.jit_edit(state, model.params, batch)
+  b, _ = chunked.jit_edit(state, model.params, batch)
+  chex.assert_trees_all_close(tree.get_leaves(a, model.layer_paths), tree.get_leaves(b, model.layer_paths),
+                              rtol=1e-5, atol=1e-7)
+
+  def loss(ed):
+    return lambda net: losses.nll(model.task, model.logits(ed.edit(state._replace(
+        params={**state.params, "net": net}), model.params, batch, check=False)[0], batch), batch)
+
+  chex.assert_trees_all_close(jax.grad(loss(whole))(state.params["net"]), jax.grad(loss(chunked))(state.params["net"]),
+                              rtol=1e-4, atol=1e-7)
+
+
+def test_bad_aggregation_and_chunk_are_clear_errors():
+  with pytest.raises(ValueError, match="aggregation must be one of"):
+    MENDConfig(aggregation="mean")
+  with pytest.raises(ValueError, match="chunk must be an integer >= 0"):
+    MENDConfig(chunk=-1)
