@@ -16,6 +16,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 
 from mend_jax import capture as capture_lib
 from mend_jax import losses, tree
@@ -196,6 +197,26 @@ class MEND(Editor):
         cos.append(jnp.sum(true_g * pseudo) / (jnp.linalg.norm(true_g) * jnp.linalg.norm(pseudo) + 1e-30))
       info["grad_norm"], info["grad_cos"] = jnp.stack(gn), jnp.stack(cos)
     return tree.replace_leaves(model_params, new), info
+
+  def patch(self, state: EditorState, params, batch: Mapping[str, jax.Array]):
+    """The edit as low-rank factors instead of new weights: ({path: (left, right)}, info) with
+    left [rows, r] and right [r, cols] in the kernel's orientation, so that the edited kernel is
+    W + left @ right (the same change `edit` makes, in float32; r = the layer's token rows). Sum:
+    left/right are u~ and -alpha delta~ (or transposed); least squares: K^T and the dual solve.
+    Pure and jittable; the batch is not checked here (`mend_jax.edit_log.EditLog` checks it)."""
+    cap = self.capture(params, batch)
+    factors = self.pseudo_factors(state.params["net"], state.aux, cap)
+    sign = -1.0 if self.cfg.descent else 1.0
+    out = {}
+    for i, layer in enumerate(self.model.layers):
+      u_t, d_t = (x.reshape(-1, x.shape[-1]).astype(jnp.float32) for x in factors[layer.path])
+      if self.cfg.aggregation == "least_squares":
+        lam = jnp.exp(state.params["log_lambda"][i])
+        gram = u_t @ u_t.T + lam * jnp.eye(u_t.shape[0], dtype=jnp.float32)
+        d_t = lam * jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), d_t)  # the dual form
+      d_t = sign * state.params["alpha"][i] * d_t
+      out[layer.path] = (u_t.T, d_t) if layer.layout == "in_out" else (d_t.T, u_t)
+    return out, {"loss_before": cap.loss}
 
   # ---------------------------------------------------------------- the edit
   def _edit(self, state: EditorState, params, batch: Mapping[str, jax.Array], diagnostics: bool = False):
