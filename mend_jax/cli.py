@@ -181,6 +181,7 @@ sweep of batched and sequential editing (results_k.json, results_k.md, k_sweep.p
 
   mend-evaluate --workdir runs/demo [--split test] [--k 1] [--n 200]
   mend-evaluate --workdir runs/demo --ks 1,5,25,125
+  mend-evaluate --workdir runs/demo --stream --k 10 --n 480         (lifelong editing)
 """
 EDIT_USAGE = """Applies one edit with the editor saved in WORKDIR and prints greedy answers before and after.
 
@@ -231,8 +232,11 @@ def evaluate(argv: list[str] | None = None) -> None:
   n = flags.DEFINE_integer("n", -1, "number of edits (-1: the whole split)")
   ks = flags.DEFINE_list("ks", [], "comma-separated k values: batched and sequential sweep")
   seq = flags.DEFINE_bool("sequential", True, "with --ks: also evaluate sequential editing")
+  stream = flags.DEFINE_bool("stream", False, "lifelong editing: the split's first --n edits as one stream, --k at a "
+                             "time, retained success and locality along it (results_stream.json, stream.png)")
+  every = flags.DEFINE_integer("every", 10, "with --stream: batches between measurements")
   argv = sys.argv if argv is None else argv
-  _show_in_help(argv[0], EVALUATE_USAGE, ["workdir", "split", "k", "n", "ks", "sequential"])
+  _show_in_help(argv[0], EVALUATE_USAGE, ["workdir", "split", "k", "n", "ks", "sequential", "stream", "every"])
 
   def main(_):
     _setup_logging()
@@ -244,6 +248,12 @@ def evaluate(argv: list[str] | None = None) -> None:
         raise ValueError(f"--n must be -1 (the whole split) or >= 1, got {n.value}")
       config = _stored_config(workdir.value)
       config.eval.n_test = n.value
+      if stream.value:
+        res = experiment.evaluate_stream_workdir(config, workdir.value, split=split.value, k=k.value,
+                                                 every=every.value)
+        print(report.stream_table(res))
+        print("wrote", os.path.join(workdir.value, "results_stream.json"))
+        return
       if ks.value:
         try:
           k_list = [int(x) for x in ks.value]

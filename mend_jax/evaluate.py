@@ -21,6 +21,8 @@ Batched editing (`evaluate`): k test edits applied at once to the unedited model
 consecutive group of k test records. Sequential editing (`evaluate_sequential`): k edits applied
 one after another to the same model (each from the model the previous one left); after edit j
 the success of edits 1..j is measured again (`retained_*` curves), and locality after all k.
+Lifelong editing (`evaluate_stream`): one long stream of edits, k at a time, with the retained
+success of all earlier edits and the locality measured along it.
 
 Every editor works here (`mend_jax.editors.base.Editor`); its `pre_edit_params(state,
 base_params)` gives the model its edits start from (ENN trains its own copy of the model).
@@ -227,6 +229,70 @@ def evaluate_sequential(editor: Editor, state: EditorState, base_params, data: E
              retained_edit_success=[float(x) for x in es], retained_reliability=[float(x) for x in rel],
              edits_per_sequence=k, edits_per_batch=1, sequence_time_s=float(np.median(times)))
   return res
+
+
+@functools.lru_cache(maxsize=16)
+def _stream_fns(editor: Editor):
+  """Jitted (params, batch) -> per-record success on paraphrase and edit prompt; and (base
+  params, params, loc batch) -> (locality exact match before, after, predictions unchanged)."""
+  task = editor.model.task
+
+  def success(params, batch):
+    return (losses.exact_match(task, editor.model.logits(params, batch["equiv"]), batch["equiv"]),
+            losses.exact_match(task, editor.model.logits(params, batch["edit"]), batch["edit"]))
+
+  def locality(base, params, loc):
+    before, after = editor.model.logits(base, loc), editor.model.logits(params, loc)
+    return (losses.exact_match(task, before, loc), losses.exact_match(task, after, loc),
+            losses.prediction_agreement(task, before, after, loc))
+
+  return jax.jit(success), jax.jit(locality)
+
+
+def evaluate_stream(editor: Editor, state: EditorState, base_params, data: EditData, k: int = 1,
+                    n_edits: int | None = None, every: int = 10, n_loc: int = 100, chunk: int = 32) -> dict:
+  """Lifelong editing: the first n_edits records as one stream, k edits at a time, every batch
+  applied to the model the previous one left. After every `every` batches (and the last) the
+  retained success of every edit so far (paraphrase and edit prompt) and the locality on a fixed
+  set (the first n_loc records' locality examples, against the unedited model) are measured.
+
+  Returns {"k", "n_edits", "curve": [{"edits", "edit_success", "reliability", "locality_unchanged",
+  "locality_drawdown"}, ...], "time_per_edit_s"}: the curve's last row is after the whole stream.
+  """
+  n = _n_edits(data, n_edits, k)
+  if every < 1:
+    raise ValueError(f"every (batches between measurements) must be >= 1, got {every}")
+  success_fn, locality_fn = _stream_fns(editor)
+  edit_fn = editors.jit_edit(editor)
+  pre = editor.pre_edit_params(state, base_params)
+  loc = data.loc.take(np.arange(min(n_loc, len(data))))
+  params, curve, times = pre, [], []
+  n_batches = n // k
+  for b in range(n_batches):
+    batch = data.edit.take(np.arange(b * k, (b + 1) * k))
+    t0 = time.perf_counter()
+    params, _ = edit_fn(state, params, batch, check=False)
+    jax.block_until_ready(params)
+    times.append(time.perf_counter() - t0)
+    if (b + 1) % every and b + 1 < n_batches:
+      continue
+    done = (b + 1) * k
+    es, rel = [], []
+    for start in range(0, done, chunk):  # fixed chunk shapes: the last chunk repeats records
+      idx = np.minimum(np.arange(start, start + chunk), done - 1)
+      e, r = jax.device_get(success_fn(params, data.batch(idx)))
+      keep = np.arange(start, start + chunk) < done
+      es.append(np.asarray(e)[keep])
+      rel.append(np.asarray(r)[keep])
+    acc_pre, acc_post, unchanged = (np.asarray(x) for x in jax.device_get(locality_fn(pre, params, loc)))
+    curve.append({"edits": done, "edit_success": float(np.mean(np.concatenate(es))),
+                  "reliability": float(np.mean(np.concatenate(rel))),
+                  "locality_unchanged": float(np.mean(unchanged)),
+                  "locality_drawdown": float(np.mean(acc_pre) - np.mean(acc_post))})
+    logging.info("stream: %d edits: %s", done, summary(curve[-1]))
+  return {"k": k, "n_edits": n, "curve": curve,
+          "time_per_edit_s": float(np.median(times[1:] if len(times) > 1 else times)) / k,
+          "peak_rss_gb": _peak_rss_gb()}
 
 
 def evaluate_ks(editor: Editor, state: EditorState, base_params, data: EditData,

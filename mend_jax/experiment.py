@@ -370,6 +370,22 @@ def evaluate_k_sweep(config, workdir: str, task: Task | None = None, split: str 
   return res
 
 
+def evaluate_stream_workdir(config, workdir: str, task: Task | None = None, split: str = "test", k: int = 1,
+                            every: int = 10) -> dict:
+  """Lifelong editing (`evaluate.evaluate_stream`) with the saved editor on a split's first
+  config.eval.n_test edits (all: -1). Writes workdir/results_stream.json and workdir/stream.png."""
+  task = task or prepare(config)
+  loaded = _loaded(workdir, task, config)
+  task = with_cached_activations(config, task, loaded.editor, workdir, (split,))
+  n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
+  res = eval_lib.evaluate_stream(loaded.editor, loaded.state, task.model.params, getattr(task, split), k=k,
+                                 n_edits=n, every=every)
+  res.update(split=split, checkpoint_step=int(loaded.meta.get("step", -1)))
+  report.write_json(os.path.join(workdir, "results_stream.json"), res)
+  report.plot_stream({f"k={k}": res}, os.path.join(workdir, "stream.png"), title=f"{config.task}: {split} split")
+  return res
+
+
 def show_edit(workdir: str, task: Task, record: Mapping, loaded: ckpt_lib.LoadedEditor | None = None) -> dict:
   """Applies one edit (record's src -> alt) with the saved editor and returns greedy answers
   before and after on the edit prompt, its paraphrase and an unrelated prompt:

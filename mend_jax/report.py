@@ -167,3 +167,36 @@ def plot_ks(results: dict, path: str, title: str = "") -> str:
   fig.tight_layout()
   _save(fig, path, dpi=120)
   return path
+
+
+def stream_table(res: dict) -> str:
+  """A markdown table of an `evaluate.evaluate_stream` result: one row per measurement."""
+  rows = [f"| edits (k={res['k']}) | retained edit success | retained reliability | locality unchanged "
+          "| locality drawdown |", "|---|---|---|---|---|"]
+  for r in res["curve"]:
+    rows.append(f"| {r['edits']} | {r['edit_success']:.3f} | {r['reliability']:.3f} | {r['locality_unchanged']:.3f} "
+                f"| {r['locality_drawdown']:.3f} |")
+  return "\n".join(rows)
+
+
+def plot_stream(results: dict, path: str, title: str = "") -> str:
+  """Retained edit success and locality along lifelong-editing streams ({label: evaluate_stream
+  result}), as a PNG at `path` (written atomically). Returns path."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  for label, res in results.items():
+    x = [r["edits"] for r in res["curve"]]
+    axes[0].plot(x, [r["edit_success"] for r in res["curve"]], "o-", label=f"{label} paraphrase")
+    axes[0].plot(x, [r["reliability"] for r in res["curve"]], "s--", label=f"{label} edit prompt")
+    axes[1].plot(x, [r["locality_unchanged"] for r in res["curve"]], "o-", label=label)
+  axes[0].set_title("retained success of all edits so far")
+  axes[1].set_title("locality: predictions unchanged")
+  for ax in axes:
+    ax.set_xlabel("edits applied")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  _save(fig, path, dpi=120)
+  return path

@@ -152,3 +152,27 @@ def test_evaluate_matches_a_brute_force_check_when_alpha_is_zero(synth_setup):
   assert res["reliability"] == pytest.approx(success(d.edit))
   assert res["locality_acc_pre"] == pytest.approx(success(d.loc))
   assert res["locality_acc_post"] == res["locality_acc_pre"] and res["locality_drawdown"] == 0.0
+
+
+def test_lifelong_stream_matches_a_loop(synth_setup, strong, tmp_path):
+  m, d = synth_setup["model"], synth_setup["data"]
+  ed, state = strong
+  k, n, every = 2, 10, 2  # 5 batches: measured after batches 2, 4 and 5 (the last)
+  res = eval_lib.evaluate_stream(ed, state, m.params, d, k=k, n_edits=n, every=every, n_loc=6, chunk=4)
+  params, want = m.params, []
+  for b in range(n // k):
+    params, _ = ed.jit_edit(state, params, d.edit.take(np.arange(b * k, (b + 1) * k)))
+    if (b + 1) % every == 0 or b + 1 == n // k:
+      done = np.arange((b + 1) * k)
+      want.append({"edits": int((b + 1) * k), "edit_success": _success(m, params, d.equiv, done).mean(),
+                   "reliability": _success(m, params, d.edit, done).mean(),
+                   "locality_unchanged": np.mean(_unchanged(m, m.params, params, d.loc, range(6))),
+                   "locality_drawdown": _success(m, m.params, d.loc, range(6)).mean()
+                   - _success(m, params, d.loc, range(6)).mean()})
+  assert [r["edits"] for r in res["curve"]] == [w["edits"] for w in want] == [4, 8, 10]
+  for got, exp in zip(res["curve"], want):
+    for key in ("edit_success", "reliability", "locality_unchanged", "locality_drawdown"):
+      assert got[key] == pytest.approx(float(exp[key]), abs=1e-6), key
+  assert max(w["reliability"] for w in want) > 0, "no edit succeeded: the comparison is vacuous"
+  assert "| 10 |" in report.stream_table(res)
+  assert report.plot_stream({"k=2": res}, str(tmp_path / "s.png")) and (tmp_path / "s.png").stat().st_size > 0
