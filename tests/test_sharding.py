@@ -17,6 +17,8 @@ from mend_jax import sharding
 from conftest import tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# One worker runs this module: its fixture starts one 8-device process (not one per worker).
+pytestmark = pytest.mark.xdist_group("sharding")
 
 
 @pytest.fixture(scope="module")
