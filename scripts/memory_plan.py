@@ -182,7 +182,9 @@ def main():
   print(text)
   if args.out:
     fig = figure(rows, os.path.join(os.path.dirname(os.path.abspath(args.out)), "memory_plan.png"))
-    report.atomic_write_text(args.out, f"{text}\n\n![peak memory per device]({os.path.basename(fig)})\n")
+    report.atomic_write_text(args.out, "XLA's memory analysis of the training steps (`python scripts/memory_plan.py`; the "
+                             f"commands and how to read it: docs/scale.md), {time.strftime('%Y-%m-%d')}.\n\n"
+                             f"{text}\n\n![peak memory per device]({os.path.basename(fig)})\n")
 
 
 if __name__ == "__main__":
