@@ -81,7 +81,8 @@ def filter_jsonl(path: str | os.PathLike, keep: Callable[[dict], bool]) -> int:
   return len(rows) - len(kept)
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib.pyplot with the non-interactive Agg backend (imported on first use)."""
   import matplotlib  # optional at import time: only plots need it
 
   matplotlib.use("Agg")
@@ -90,9 +91,9 @@ def _pyplot():
   return plt
 
 
-def _save(fig, path: str, dpi: int) -> None:
-  """Saves a figure atomically (PNG) and closes it."""
-  plt = _pyplot()
+def save_figure(fig, path: str, dpi: int = 120) -> str:
+  """Saves a figure atomically (PNG: a temporary file renamed into place), closes it, returns path."""
+  plt = pyplot()
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".png")
@@ -105,12 +106,13 @@ def _save(fig, path: str, dpi: int) -> None:
     plt.close(fig)
     if os.path.exists(tmp):
       os.unlink(tmp)
+  return path
 
 
 def plot_metrics(rows: list[Mapping], path: str) -> str:
   """Training loss, edit success and locality agreement against step (train rows: those with
   "loss"; validation rows: those with "val/loss"), as a PNG at `path`. Returns path."""
-  plt = _pyplot()
+  plt = pyplot()
   train_rows = [r for r in rows if "loss" in r]
   val_rows = [r for r in rows if "val/loss" in r]
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
@@ -122,7 +124,7 @@ def plot_metrics(rows: list[Mapping], path: str) -> str:
     ax.set_xlabel("step")
     ax.legend()
   fig.tight_layout()
-  _save(fig, path, dpi=80)
+  save_figure(fig, path, dpi=80)
   return path
 
 
@@ -147,7 +149,7 @@ def ks_table(results: dict) -> str:
 def plot_ks(results: dict, path: str, title: str = "") -> str:
   """Edit success and locality drawdown against k, batched and sequential (log-scale k), as a PNG
   at `path` (written atomically). Returns path."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
   for mode, style in (("batched", "o-"), ("sequential", "s--")):
     rs = sorted(results.get(mode, {}).items(), key=lambda kv: int(kv[0]))
@@ -165,7 +167,7 @@ def plot_ks(results: dict, path: str, title: str = "") -> str:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  _save(fig, path, dpi=120)
+  save_figure(fig, path, dpi=120)
   return path
 
 
@@ -182,7 +184,7 @@ def stream_table(res: dict) -> str:
 def plot_stream(results: dict, path: str, title: str = "") -> str:
   """Retained edit success and locality along lifelong-editing streams ({label: evaluate_stream
   result}), as a PNG at `path` (written atomically). Returns path."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
   for label, res in results.items():
     x = [r["edits"] for r in res["curve"]]
@@ -198,5 +200,5 @@ def plot_stream(results: dict, path: str, title: str = "") -> str:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  _save(fig, path, dpi=120)
+  save_figure(fig, path, dpi=120)
   return path

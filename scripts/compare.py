@@ -112,11 +112,7 @@ def sizes_table(rows) -> str:
 
 
 def plot_sizes(rows, path) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = report.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for alg in dict.fromkeys(r["alg"] for r in rows):
     rs = sorted((r for r in rows if r["alg"] == alg and not r.get("failed")), key=lambda r: r["model_params"])
@@ -135,9 +131,7 @@ def plot_sizes(rows, path) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return report.save_figure(fig, path, dpi=120)
 
 
 def main():

@@ -106,11 +106,7 @@ def table(rows) -> str:
 
 
 def figure(rows, path: str) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = report.pyplot()
   groups = sorted({(r["dtype"], r["devices"]) for r in rows}, key=lambda g: (g[1], g[0] != "float32"))
   fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False, sharey=True)
   names = list(dict.fromkeys(r["model"] for r in rows))
@@ -128,9 +124,7 @@ def figure(rows, path: str) -> str:
   axes[0][0].set_ylabel("GB per device (training step)")
   axes[0][0].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return report.save_figure(fig, path, dpi=120)
 
 
 def main():
