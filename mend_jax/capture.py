@@ -135,12 +135,20 @@ def least_squares(u: jax.Array, delta: jax.Array, log_lambda: jax.Array, layout:
   else K^T K [d_in, d_in]. Zero rows (masked tokens) take no part."""
   k = u.reshape(-1, u.shape[-1]).astype(jnp.float32)
   d = delta.reshape(-1, delta.shape[-1]).astype(jnp.float32)
-  lam = jnp.exp(log_lambda.astype(jnp.float32))
   n, d_in = k.shape
   if n <= d_in:
-    gram = k @ k.T + lam * jnp.eye(n, dtype=jnp.float32)
-    s = lam * (k.T @ jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), d))
+    s = k.T @ least_squares_dual(k, d, log_lambda)
   else:
+    lam = jnp.exp(log_lambda.astype(jnp.float32))
     gram = k.T @ k + lam * jnp.eye(d_in, dtype=jnp.float32)
     s = lam * jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), k.T @ d)
   return s if layout == "in_out" else s.T  # [d_in, d_out] or [d_out, d_in]
+
+
+def least_squares_dual(k: jax.Array, d: jax.Array, log_lambda: jax.Array) -> jax.Array:
+  """The dual factor X = lambda (K K^T + lambda I)^-1 D [N, d_out] of `least_squares` (whose
+  update is K^T X), for keys k [N, d_in] and values d [N, d_out], float32, by Cholesky."""
+  k, d = k.astype(jnp.float32), d.astype(jnp.float32)
+  lam = jnp.exp(log_lambda.astype(jnp.float32))
+  gram = k @ k.T + lam * jnp.eye(k.shape[0], dtype=jnp.float32)
+  return lam * jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), d)

@@ -16,7 +16,6 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg
 
 from mend_jax import capture as capture_lib
 from mend_jax import losses, tree
@@ -211,9 +210,7 @@ class MEND(Editor):
     for i, layer in enumerate(self.model.layers):
       u_t, d_t = (x.reshape(-1, x.shape[-1]).astype(jnp.float32) for x in factors[layer.path])
       if self.cfg.aggregation == "least_squares":
-        lam = jnp.exp(state.params["log_lambda"][i])
-        gram = u_t @ u_t.T + lam * jnp.eye(u_t.shape[0], dtype=jnp.float32)
-        d_t = lam * jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), d_t)  # the dual form
+        d_t = capture_lib.least_squares_dual(u_t, d_t, state.params["log_lambda"][i])
       d_t = sign * state.params["alpha"][i] * d_t
       out[layer.path] = (u_t.T, d_t) if layer.layout == "in_out" else (d_t.T, u_t)
     return out, {"loss_before": cap.loss}
