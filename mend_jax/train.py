@@ -171,14 +171,21 @@ def make_train_step(editor: Editor, cfg: TrainConfig, fault: Callable | None = N
 
     (loss, (new_aux, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.editor.params)
     ok = jnp.isfinite(loss) & tree.all_finite(grads) & tree.all_finite(new_aux)
-    updates, new_opt = tx.update(grads, state.opt_state, state.editor.params)
-    new_params = optax.apply_updates(state.editor.params, updates)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    def apply(operands):
+      params, opt_state, grads, aux = operands
+      updates, new_opt = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), new_opt, aux
+
+    def skip(operands):
+      params, opt_state, _, _ = operands
+      return params, opt_state, state.editor.aux
+
+    new_params, new_opt, kept_aux = jax.lax.cond(ok, apply, skip, (state.editor.params, state.opt_state, grads, new_aux))
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "skipped": (~ok).astype(jnp.float32)}
     new_state = TrainState(
         step=state.step + 1,
-        editor=EditorState(keep(new_params, state.editor.params), keep(new_aux, state.editor.aux)),
-        opt_state=keep(new_opt, state.opt_state),
+        editor=EditorState(new_params, kept_aux),
+        opt_state=new_opt,
         n_skipped=state.n_skipped + (~ok).astype(jnp.int32),
     )
     if mesh is not None:
@@ -207,19 +214,22 @@ def _on(mesh, batch):
 
 def validate(eval_step, editor_state: EditorState, base_params, data: EditData, cfg: TrainConfig,
              mesh=None) -> dict:
-  """Mean metrics over the first n_val records, one edit at a time (a fixed subset and fixed
-  shapes), each with the n_loc locality rows that follow it (on `mesh`: split over its data
-  axis where they divide). Keys are prefixed "val/"."""
-  n = min(cfg.n_val, len(data))
+  """Mean metrics over the first n_val records, cfg.n_edits at a time as in training (a fixed
+  subset and fixed shapes; n_val rounded down to a multiple of n_edits, at least one batch; a
+  split smaller than n_edits is one batch of all its records), each batch with the n_loc
+  locality rows that follow it (on `mesh`: split over its data axis where they divide). Keys
+  are prefixed "val/"."""
+  k = min(cfg.n_edits, len(data))
+  n = max(k, min(cfg.n_val, len(data)) // k * k)
   out: dict[str, list] = {}
-  for i in range(n):
-    if i == n // 2:
+  for i in range(0, n, k):
+    if i == (n // k) // 2 * k:
       ckpt_lib.crash_point("validate")
     loc_idx = np.arange(i, i + cfg.n_loc) % len(data)
-    m = eval_step(editor_state, base_params, _on(mesh, data.batch(np.array([i]), loc_idx)))
-    for k, v in m.items():
-      out.setdefault(k, []).append(float(v))
-  return {f"val/{k}": float(np.mean(v)) for k, v in out.items()}
+    m = eval_step(editor_state, base_params, _on(mesh, data.batch(np.arange(i, i + k), loc_idx)))
+    for key, v in m.items():
+      out.setdefault(key, []).append(float(v))
+  return {f"val/{key}": float(np.mean(v)) for key, v in out.items()}
 
 
 class TrainingFailed(ValueError):

@@ -74,7 +74,7 @@ def synthetic(root: str):
 def training(out: dict, root: str) -> None:
   model, data = synthetic(root)
   ed = editors.make("mend", model, {"rank": 8})
-  cfg = train.TrainConfig(lr=1e-3, lr_lr=1e-3, accumulate=1, max_steps=4, n_edits=4, n_loc=8, val_every=2,
+  cfg = train.TrainConfig(lr=1e-3, lr_lr=1e-3, accumulate=1, max_steps=4, n_edits=4, n_loc=8, val_every=4,
                           n_val=2, log_every=1, ckpt_every=2, patience=100)
   tx = train.make_optimizer(cfg, ed)
   batch = data.sample(0, 0, cfg.n_edits, cfg.n_loc)
@@ -92,7 +92,8 @@ def training(out: dict, root: str) -> None:
         "split_state": split_leaves(new.editor.params),
     }
 
-  # A checkpoint written on (4, 2) with the editor split, restored onto (8, 1), (8, 1) split, one device.
+  # A checkpoint written on (4, 2) with the editor split (one validation, at the last step: the best is the
+  # final state), restored onto (8, 1), (8, 1) split, one device.
   wd = os.path.join(root, "run")
   state, _ = train.fit(ed, cfg, params, data, data, wd, mesh=mesh, shard_editor=True)
   expect = jax.device_get(ckpt_lib.load_editor(wd, model).state)

@@ -133,3 +133,20 @@ def test_lr_schedules_follow_their_formula(synth_setup):
   const = train._lr(dataclasses.replace(cfg, schedule="constant"), 1e-3)
   assert float(const(3)) == pytest.approx(3e-4) and float(const(50)) == pytest.approx(1e-3)
   assert train._lr(dataclasses.replace(cfg, warmup=0, schedule="constant"), 1e-3) == 1e-3
+
+
+def test_validation_applies_n_edits_edits_at_once(synth_setup):
+  """Validation edits as training does: n_val rounded down to whole batches of n_edits edits,
+  each batch with its n_loc locality rows; a split smaller than n_edits is one batch of it all."""
+  d = synth_setup["data"]
+  seen = []
+
+  def eval_step(editor_state, base_params, batch):
+    seen.append((batch["edit"]["input_ids"].shape[0], batch["loc"]["input_ids"].shape[0]))
+    return {"loss": jnp.asarray(float(len(seen)))}
+
+  out = train.validate(eval_step, None, None, d, dataclasses.replace(TCFG, n_edits=3, n_val=10, n_loc=2))
+  assert seen == [(3, 2)] * 3 and out == {"val/loss": 2.0}
+  seen.clear()
+  train.validate(eval_step, None, None, d, dataclasses.replace(TCFG, n_edits=len(d) + 5, n_val=4))
+  assert seen == [(len(d), TCFG.n_loc)]
