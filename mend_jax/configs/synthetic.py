@@ -6,6 +6,12 @@ Variants:
       Expected (docs/results.md): edit success on paraphrases >= 0.9, locality drawdown <= 0.02.
   long: lr 1e-4 instead of 3e-4, up to 16000 micro-steps, validation on 256 edits with patience 8;
       about 10 minutes of training; edit success 0.952, drawdown 0.017 (docs/compare.md).
+  batched: the same world with 40% of its subjects held out for test (960 test edits, 1200 for
+      training), so that up to 512 edits can be applied at once to held-out facts; its own cache
+      (cache/synthetic_batched, pretrained once). Set the edits per step and the aggregation:
+      mend-train --config synthetic:batched --workdir runs/batched/ls_k125 \
+          --config.train.n_edits=125 --config.mend.aggregation=least_squares
+      (scripts/batched.py runs the sweep; docs/results.md).
 
 Run:   mend-train --workdir runs/demo                        (this config, variant demo, is the default)
        mend-train --config synthetic:long --workdir runs/synthetic_long
@@ -19,7 +25,7 @@ edits (workdir/results.json) and shows one edit before/after.
 
 from mend_jax.configs import common
 
-VARIANTS = ("demo", "long")
+VARIANTS = ("demo", "long", "batched")
 
 
 def get_config(arg: str | None = None):
@@ -43,4 +49,7 @@ def get_config(arg: str | None = None):
   c.ft_kl.lr = 1e-3
   if variant == "long":
     c.train.update(lr=1e-4, max_steps=16000, patience=8, n_val=256)
+  if variant == "batched":
+    c.cache_dir = "cache/synthetic_batched"
+    c.data.world.split_fractions = (0.5, 0.1, 0.4)
   return common.lock(c)

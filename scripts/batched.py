@@ -1,0 +1,188 @@
+"""Many edits at once: MEND editors trained for k edits per step, with the summed update of the
+paper against the least-squares solve (`MENDConfig.aggregation`), each evaluated at every k.
+
+  python scripts/batched.py [--config synthetic:batched] [--ks 1,25,125,512] [--aggs sum,least_squares]
+                            [--workdir runs/batched] [--out docs/batched_synthetic.md] [--no-train]
+                            [--streams 25,125 --stream-n 960] [-- --config.seed=1 ...]
+
+For each aggregation and each training k: `mend-train --config CONFIG` with k edits per
+micro-step (STEPS below: micro-steps, locality rows and the editor's row chunk per k), in its own
+process unless WORKDIR/AGG_kK/results.json exists; then `mend-evaluate --ks KS --nosequential`
+on the test split (k held-out edits applied at once to the unedited model, for every k that the
+split holds). Writes OUT: one table per aggregation (rows: the k the editor was trained for; columns:
+the k it is evaluated at), the diagonal (each editor at its own k) with time per edit and the
+evaluation's peak memory, and a figure (OUT's name with .png).
+
+Configs: `synthetic:batched` (the synthetic world with 960 held-out test edits) and `facts`
+(SmolLM2-135M on the real-facts benchmark: 225 test edits, so k <= 225).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from mend_jax import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Training per k (edits per micro-step): micro-steps, and locality rows per micro-step. k = 1 keeps the
+# config's own schedule (micro-batches of one edit, accumulated). Larger k: one Adam update per
+# micro-step, as many locality rows as edits; the editor network runs 4096 rows at a time.
+STEPS = {1: None, 25: 1500, 125: 500, 512: 250}
+
+
+def train_flags(k: int, agg: str, steps: int | None) -> list[str]:
+  flags = [f"--config.mend.aggregation={agg}", f"--config.train.n_edits={k}", f"--config.eval.k={k}",
+           "--config.eval.show_edit=False"]
+  if steps is None:
+    return flags
+  return flags + [f"--config.train.max_steps={steps}", "--config.train.accumulate=1", f"--config.train.n_loc={k}",
+                  f"--config.train.val_every={max(steps // 5, 1)}", f"--config.train.ckpt_every={max(steps // 5, 1)}",
+                  f"--config.train.n_val={k}", f"--config.train.log_every={max(steps // 50, 1)}",
+                  "--config.mend.chunk=4096"]
+
+
+def run(cmd: list[str], log_path: str) -> None:
+  print(" ".join(cmd[1:]), flush=True)
+  with open(log_path, "w") as log:
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+  if proc.returncode != 0:
+    sys.exit(f"error: {' '.join(cmd[3:5])} failed (exit {proc.returncode}); see {log_path}")
+
+
+def sweep(config: str, ks: list[int], aggs: list[str], workdir: str, train: bool, extra: list[str]) -> dict:
+  """{agg: {k_train: {"train": results.json, "eval": results_k.json["batched"]}}}."""
+  out: dict = {}
+  os.makedirs(workdir, exist_ok=True)
+  for agg in aggs:
+    for k in ks:
+      wd = os.path.join(workdir, f"{agg}_k{k}")
+      res_path, ks_path = os.path.join(wd, "results.json"), os.path.join(wd, "results_k.json")
+      if not os.path.isfile(res_path):
+        if not train:
+          print(f"[{agg}, k={k}] no results in {wd}; skipped", flush=True)
+          continue
+        t0 = time.time()
+        run([sys.executable, "-m", "mend_jax.cli", "train", "--workdir", wd, f"--config={config}",
+             *train_flags(k, agg, STEPS.get(k, 500)), *extra], os.path.join(workdir, f"{agg}_k{k}.log"))
+        print(f"  trained in {time.time() - t0:.0f} s", flush=True)
+      if not os.path.isfile(ks_path):
+        run([sys.executable, "-m", "mend_jax.cli", "evaluate", "--workdir", wd, "--ks", ",".join(map(str, ks)),
+             "--nosequential"], os.path.join(workdir, f"{agg}_k{k}.eval.log"))
+      with open(res_path) as f, open(ks_path) as g:
+        out.setdefault(agg, {})[k] = {"train": json.load(f), "eval": json.load(g)["batched"]}
+  return out
+
+
+def tables(results: dict, ks: list[int]) -> str:
+  parts = []
+  for agg, by_k in results.items():
+    for metric in ("edit_success", "locality_unchanged"):
+      head = f"| {agg}: {metric.replace('_', ' ')} | " + " | ".join(f"k={k}" for k in ks) + " |"
+      rows = [head, "|---|" + "---|" * len(ks)]
+      for k_train, r in sorted(by_k.items()):
+        cells = [f"{r['eval'][str(k)][metric]:.3f}" if str(k) in r["eval"] else "-" for k in ks]
+        rows.append(f"| trained at k={k_train} | " + " | ".join(cells) + " |")
+      parts.append("\n".join(rows))
+  diag = ["| aggregation | k | edits | edit success | reliability | locality unchanged | drawdown | time per edit ms "
+          "| edit of k ms | peak memory GB | training micro-steps | training s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for agg, by_k in results.items():
+    for k, r in sorted(by_k.items()):
+      e = r["eval"].get(str(k))
+      if e is None:
+        continue
+      t = r["train"]
+      diag.append(f"| {agg} | {k} | {e['n_test_edits']} | {e['edit_success']:.3f} | {e['reliability']:.3f} "
+                  f"| {e['locality_unchanged']:.3f} | {e['locality_drawdown']:.3f} | {1000 * e['time_per_edit_s']:.2f} "
+                  f"| {1000 * k * e['time_per_edit_s']:.0f} | {e['peak_rss_gb']:.2f} | {t.get('steps', 0)} "
+                  f"| {t.get('train_time_s', 0):.0f} |")
+  parts.append("\n".join(diag))
+  return "\n\n".join(parts)
+
+
+def streams(results: dict, ks: list[int], n: int, workdir: str) -> dict:
+  """{label: evaluate_stream result} for the trained editors at each k of `ks`."""
+  out = {}
+  for agg, by_k in results.items():
+    for k in ks:
+      if k not in by_k:
+        continue
+      wd = os.path.join(workdir, f"{agg}_k{k}")
+      path = os.path.join(wd, "results_stream.json")
+      if not os.path.isfile(path):
+        run([sys.executable, "-m", "mend_jax.cli", "evaluate", "--workdir", wd, "--stream", "--n", str(n),
+             "--k", str(k), "--every", str(max(1, 100 // k))], os.path.join(workdir, f"{agg}_k{k}.stream.log"))
+      with open(path) as f:
+        out[f"{agg} k={k}"] = json.load(f)
+  return out
+
+
+def stream_summary(res_by_label: dict) -> str:
+  rows = ["| editor (trained and applied at k) | edits | retained edit success | retained reliability "
+          "| locality unchanged | time per edit ms |", "|---|---|---|---|---|---|"]
+  for label, res in res_by_label.items():
+    curve = res["curve"]  # first, middle and last measurement
+    for r in (curve[i] for i in sorted({0, len(curve) // 2, len(curve) - 1})):
+      rows.append(f"| {label} | {r['edits']} | {r['edit_success']:.3f} | {r['reliability']:.3f} "
+                  f"| {r['locality_unchanged']:.3f} | {1000 * res.get('time_per_edit_s', float('nan')):.2f} |")
+  return "\n".join(rows)
+
+
+def plot(results: dict, path: str) -> str:
+  plt = report.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  for agg, style in (("sum", "o-"), ("least_squares", "s-")):
+    rs = sorted((k, r["eval"][str(k)]) for k, r in results.get(agg, {}).items() if str(k) in r["eval"])
+    if not rs:
+      continue
+    axes[0].plot([k for k, _ in rs], [e["edit_success"] for _, e in rs], style, label=agg)
+    axes[1].plot([k for k, _ in rs], [e["locality_unchanged"] for _, e in rs], style, label=agg)
+  for ax, name in zip(axes, ("edit success (paraphrases)", "locality unchanged")):
+    ax.set_xscale("log")
+    ax.set_xlabel("k edits at once (editor trained at k)")
+    ax.set_title(name)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  return report.save_figure(fig, path, dpi=120)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="synthetic:batched")
+  p.add_argument("--ks", default="1,25,125,512")
+  p.add_argument("--aggs", default="sum,least_squares")
+  p.add_argument("--workdir", default="runs/batched")
+  p.add_argument("--out", default="docs/batched_synthetic.md")
+  p.add_argument("--no-train", action="store_true", help="only tabulate the runs that exist")
+  p.add_argument("--streams", default="", help="comma-separated training k whose editors also run a stream")
+  p.add_argument("--stream-n", type=int, default=960, help="edits in each stream (from the test split)")
+  args, extra = p.parse_known_args()
+  extra = [e for e in extra if e != "--"]
+  ks = [int(k) for k in args.ks.split(",")]
+  aggs = args.aggs.split(",")
+  for agg in aggs:
+    if agg not in ("sum", "least_squares"):
+      p.error(f"--aggs: each must be sum or least_squares, got {agg!r}")
+  results = sweep(args.config, ks, aggs, args.workdir, not args.no_train, extra)
+  text = tables(results, ks)
+  print(text)
+  figure = os.path.basename(plot(results, os.path.splitext(args.out)[0] + ".png"))
+  text += f"\n\n![]({figure})\n"
+  if args.streams:
+    res = streams(results, [int(k) for k in args.streams.split(",")], args.stream_n, args.workdir)
+    summary = stream_summary(res)
+    print(summary)
+    fig = report.plot_stream(res, os.path.splitext(args.out)[0] + "_stream.png", "lifelong editing")
+    text += f"\n{summary}\n\n![]({os.path.basename(fig)})\n"
+  command = " ".join(["python scripts/batched.py", *sys.argv[1:]])
+  report.atomic_write_text(args.out, f"Written by `{command}`.\n\n{text}")
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
