@@ -3,10 +3,12 @@ paper against the least-squares solve (`MENDConfig.aggregation`), each evaluated
 
   python scripts/batched.py [--config synthetic:batched] [--ks 1,25,125,512] [--aggs sum,least_squares]
                             [--workdir runs/batched] [--out docs/batched_synthetic.md] [--no-train]
-                            [--streams 25,125 --stream-n 960] [-- --config.seed=1 ...]
+                            [--steps 25:1500,125:500] [--streams 25,125 --stream-n 960]
+                            [-- --config.seed=1 ...]
 
 For each aggregation and each training k: `mend-train --config CONFIG` with k edits per
-micro-step (STEPS below: micro-steps, locality rows and the editor's row chunk per k), in its own
+micro-step (STEPS below, or --steps K:N,...: micro-steps per k; `train_flags`: locality rows and
+the editor's row chunk), in its own
 process unless WORKDIR/AGG_kK/results.json exists; then `mend-evaluate --ks KS --nosequential`
 on the test split (k held-out edits applied at once to the unedited model, for every k that the
 split holds). Writes OUT: one table per aggregation (rows: the k the editor was trained for; columns:
@@ -52,7 +54,8 @@ def run(cmd: list[str], log_path: str) -> None:
     sys.exit(f"error: {' '.join(cmd[3:5])} failed (exit {proc.returncode}); see {log_path}")
 
 
-def sweep(config: str, ks: list[int], aggs: list[str], workdir: str, train: bool, extra: list[str]) -> dict:
+def sweep(config: str, ks: list[int], aggs: list[str], workdir: str, train: bool, extra: list[str],
+          steps: dict) -> dict:
   """{agg: {k_train: {"train": results.json, "eval": results_k.json["batched"]}}}."""
   out: dict = {}
   os.makedirs(workdir, exist_ok=True)
@@ -66,7 +69,7 @@ def sweep(config: str, ks: list[int], aggs: list[str], workdir: str, train: bool
           continue
         t0 = time.time()
         run([sys.executable, "-m", "mend_jax.cli", "train", "--workdir", wd, f"--config={config}",
-             *train_flags(k, agg, STEPS.get(k, 500)), *extra], os.path.join(workdir, f"{agg}_k{k}.log"))
+             *train_flags(k, agg, steps.get(k, 500)), *extra], os.path.join(workdir, f"{agg}_k{k}.log"))
         print(f"  trained in {time.time() - t0:.0f} s", flush=True)
       if not os.path.isfile(ks_path):
         run([sys.executable, "-m", "mend_jax.cli", "evaluate", "--workdir", wd, "--ks", ",".join(map(str, ks)),
@@ -159,6 +162,7 @@ def main():
   p.add_argument("--workdir", default="runs/batched")
   p.add_argument("--out", default="docs/batched_synthetic.md")
   p.add_argument("--no-train", action="store_true", help="only tabulate the runs that exist")
+  p.add_argument("--steps", default="", help="K:N,...: micro-steps of the editor trained at K (k > 1)")
   p.add_argument("--streams", default="", help="comma-separated training k whose editors also run a stream")
   p.add_argument("--stream-n", type=int, default=960, help="edits in each stream (from the test split)")
   args, extra = p.parse_known_args()
@@ -168,7 +172,13 @@ def main():
   for agg in aggs:
     if agg not in ("sum", "least_squares"):
       p.error(f"--aggs: each must be sum or least_squares, got {agg!r}")
-  results = sweep(args.config, ks, aggs, args.workdir, not args.no_train, extra)
+  steps = dict(STEPS)
+  for item in filter(None, args.steps.split(",")):
+    k, _, n = item.partition(":")
+    if not (k.isdigit() and n.isdigit() and int(k) > 1):
+      p.error(f"--steps: expected K:N with K > 1 (e.g. 25:300), got {item!r}")
+    steps[int(k)] = int(n)
+  results = sweep(args.config, ks, aggs, args.workdir, not args.no_train, extra, steps)
   text = tables(results, ks)
   print(text)
   figure = os.path.basename(plot(results, os.path.splitext(args.out)[0] + ".png"))

@@ -12,6 +12,7 @@ Only the editable leaves change; every other leaf of the returned tree is the in
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Mapping
 
 import jax
@@ -81,7 +82,8 @@ class MEND(Editor):
     st = {g.key: {"u": stats_lib.init(g.d_in), "delta": stats_lib.init(g.d_out)} for g in self.groups}
     params = {"net": nets, "alpha": alpha}
     if self.cfg.aggregation == "least_squares":
-      params["log_lambda"] = jnp.full((len(self.model.layers),), self.cfg.log_lambda, jnp.float32)
+      params["log_lambda"] = jnp.asarray([self.cfg.log_lambda + math.log(l.d_in) for l in self.model.layers],
+                                         jnp.float32)
     return EditorState(params, st)
 
   # ---------------------------------------------------------------- pieces

@@ -47,7 +47,11 @@ class MENDConfig:
     u~_t^T) or "least_squares" (the matrix whose outputs on the keys u~ best match delta~, ridge
     lambda_l learned per layer: lambda (K^T K + lambda I)^-1 K^T D, K = u~ rows, D = delta~ rows;
     `capture.least_squares`). The factor lambda keeps its scale: lambda -> infinity gives the sum.
-  log_lambda: initial log(lambda_l) of every layer (least_squares).
+  log_lambda: initial log(lambda_l / d_in_l) of every layer (least_squares): lambda starts at the
+    layer's input width times exp(log_lambda), the squared norm of a normalised key, so that one
+    key's update starts at half the sum's whatever the width (a fixed lambda = 1 starts a 128-wide
+    layer's updates at about 1/128 of the sum's, and training at the lambda step lr_lr is slow to
+    recover). The learned parameter is log(lambda_l) itself.
   chunk: rows per call of the network (0: all rows in one call); larger batches of edits then
     hold one chunk's activations at a time (recomputed for the gradient).
   """

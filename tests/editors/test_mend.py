@@ -191,6 +191,10 @@ def test_least_squares_editor_trains_its_lambda_and_differs_from_the_sum():
   ls = MEND(model, MENDConfig(rank=8, aggregation="least_squares", log_lambda=0.0))
   state = _randomize_net(ls.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
   assert state.params["log_lambda"].shape == (len(model.layers),)
+  # lambda starts at each layer's input width (times exp(cfg.log_lambda)).
+  init = MEND(model, MENDConfig(rank=8, aggregation="least_squares", log_lambda=-1.0)).init(jax.random.PRNGKey(0))
+  np.testing.assert_allclose(np.exp(init.params["log_lambda"]), [np.exp(-1.0) * l.d_in for l in model.layers],
+                             rtol=1e-5)
   assert ls.param_labels(state.params)["log_lambda"] == "alpha"
   new, info = ls.jit_edit(state, model.params, batch)
   summed = MEND(model, MENDConfig(rank=8))
