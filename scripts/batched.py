@@ -3,7 +3,7 @@ paper against the least-squares solve (`MENDConfig.aggregation`), each evaluated
 
   python scripts/batched.py [--config synthetic:batched] [--ks 1,25,125,512] [--aggs sum,least_squares]
                             [--workdir runs/batched] [--out docs/batched_synthetic.md] [--no-train]
-                            [--steps 25:1500,125:500] [--streams 25,125 --stream-n 960]
+                            [--train-ks 1,25] [--steps 25:1500,125:500] [--streams 25,125 --stream-n 960]
                             [-- --config.seed=1 ...]
 
 For each aggregation and each training k: `mend-train --config CONFIG` with k edits per
@@ -54,13 +54,13 @@ def run(cmd: list[str], log_path: str) -> None:
     sys.exit(f"error: {' '.join(cmd[3:5])} failed (exit {proc.returncode}); see {log_path}")
 
 
-def sweep(config: str, ks: list[int], aggs: list[str], workdir: str, train: bool, extra: list[str],
-          steps: dict) -> dict:
+def sweep(config: str, ks: list[int], train_ks: list[int], aggs: list[str], workdir: str, train: bool,
+          extra: list[str], steps: dict) -> dict:
   """{agg: {k_train: {"train": results.json, "eval": results_k.json["batched"]}}}."""
   out: dict = {}
   os.makedirs(workdir, exist_ok=True)
   for agg in aggs:
-    for k in ks:
+    for k in train_ks:
       wd = os.path.join(workdir, f"{agg}_k{k}")
       res_path, ks_path = os.path.join(wd, "results.json"), os.path.join(wd, "results_k.json")
       if not os.path.isfile(res_path):
@@ -158,6 +158,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="synthetic:batched")
   p.add_argument("--ks", default="1,25,125,512")
+  p.add_argument("--train-ks", default="", help="the k to train editors for (default: --ks)")
   p.add_argument("--aggs", default="sum,least_squares")
   p.add_argument("--workdir", default="runs/batched")
   p.add_argument("--out", default="docs/batched_synthetic.md")
@@ -178,7 +179,8 @@ def main():
     if not (k.isdigit() and n.isdigit() and int(k) > 1):
       p.error(f"--steps: expected K:N with K > 1 (e.g. 25:300), got {item!r}")
     steps[int(k)] = int(n)
-  results = sweep(args.config, ks, aggs, args.workdir, not args.no_train, extra, steps)
+  train_ks = [int(k) for k in args.train_ks.split(",")] if args.train_ks else ks
+  results = sweep(args.config, ks, train_ks, aggs, args.workdir, not args.no_train, extra, steps)
   text = tables(results, ks)
   print(text)
   figure = os.path.basename(plot(results, os.path.splitext(args.out)[0] + ".png"))
