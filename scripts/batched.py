@@ -98,10 +98,11 @@ def tables(results: dict, ks: list[int]) -> str:
       if e is None:
         continue
       t = r["train"]
+      train_s = f"{t['train_time_s']:.0f}" if t.get("train_time_s", 0) >= 1 else "-"  # ~0: trained by an earlier process
       diag.append(f"| {agg} | {k} | {e['n_test_edits']} | {e['edit_success']:.3f} | {e['reliability']:.3f} "
                   f"| {e['locality_unchanged']:.3f} | {e['locality_drawdown']:.3f} | {1000 * e['time_per_edit_s']:.2f} "
-                  f"| {1000 * k * e['time_per_edit_s']:.0f} | {e['peak_rss_gb']:.2f} | {t.get('steps', 0)} "
-                  f"| {t.get('train_time_s', 0):.0f} |")
+                  f"| {1000 * k * e['time_per_edit_s']:.0f} | {e['peak_rss_gb']:.2f} | {t.get('steps', '-')} "
+                  f"| {train_s} |")
   parts.append("\n".join(diag))
   return "\n\n".join(parts)
 
@@ -191,7 +192,7 @@ def main():
     print(summary)
     fig = report.plot_stream(res, os.path.splitext(args.out)[0] + "_stream.png", "lifelong editing")
     text += f"\n{summary}\n\n![]({os.path.basename(fig)})\n"
-  command = " ".join(["python scripts/batched.py", *sys.argv[1:]])
+  command = " ".join(["python scripts/batched.py", *(a for a in sys.argv[1:] if a != "--no-train")])
   report.atomic_write_text(args.out, f"Written by `{command}`.\n\n{text}")
   print(f"wrote {args.out}")
 
