@@ -186,11 +186,11 @@ def plot_stream(results: dict, path: str, title: str = "") -> str:
   result}), as a PNG at `path` (written atomically). Returns path."""
   plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-  for label, res in results.items():
-    x = [r["edits"] for r in res["curve"]]
-    axes[0].plot(x, [r["edit_success"] for r in res["curve"]], "o-", label=f"{label} paraphrase")
-    axes[0].plot(x, [r["reliability"] for r in res["curve"]], "s--", label=f"{label} edit prompt")
-    axes[1].plot(x, [r["locality_unchanged"] for r in res["curve"]], "o-", label=label)
+  for i, (label, res) in enumerate(results.items()):
+    x, color = [r["edits"] for r in res["curve"]], f"C{i % 10}"  # one colour per stream in both panels
+    axes[0].plot(x, [r["edit_success"] for r in res["curve"]], "o-", color=color, label=f"{label} paraphrase")
+    axes[0].plot(x, [r["reliability"] for r in res["curve"]], "s--", color=color, label=f"{label} edit prompt")
+    axes[1].plot(x, [r["locality_unchanged"] for r in res["curve"]], "o-", color=color, label=label)
   axes[0].set_title("retained success of all edits so far")
   axes[1].set_title("locality: predictions unchanged")
   for ax in axes:
