@@ -171,16 +171,15 @@ def make_train_step(editor: Editor, cfg: TrainConfig, fault: Callable | None = N
 
     (loss, (new_aux, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.editor.params)
     ok = jnp.isfinite(loss) & tree.all_finite(grads) & tree.all_finite(new_aux)
-    def apply(operands):
-      params, opt_state, grads, aux = operands
+
+    def apply(params, opt_state):
       updates, new_opt = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), new_opt, aux
+      return optax.apply_updates(params, updates), new_opt
 
-    def skip(operands):
-      params, opt_state, _, _ = operands
-      return params, opt_state, state.editor.aux
-
-    new_params, new_opt, kept_aux = jax.lax.cond(ok, apply, skip, (state.editor.params, state.opt_state, grads, new_aux))
+    # A branch rather than a jnp.where between the old and new state: XLA then updates the donated
+    # parameters and Adam moments in place instead of copying both moments first (docs/scale.md).
+    new_params, new_opt = jax.lax.cond(ok, apply, lambda p, o: (p, o), state.editor.params, state.opt_state)
+    kept_aux = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_aux, state.editor.aux)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads), "skipped": (~ok).astype(jnp.float32)}
     new_state = TrainState(
         step=state.step + 1,

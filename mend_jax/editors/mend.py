@@ -82,7 +82,7 @@ class MEND(Editor):
     st = {g.key: {"u": stats_lib.init(g.d_in), "delta": stats_lib.init(g.d_out)} for g in self.groups}
     params = {"net": nets, "alpha": alpha}
     if self.cfg.aggregation == "least_squares":
-      params["log_lambda"] = jnp.asarray([self.cfg.log_lambda + math.log(l.d_in) for l in self.model.layers],
+      params["log_lambda"] = jnp.asarray([self.cfg.log_lambda + math.log(layer.d_in) for layer in self.model.layers],
                                          jnp.float32)
     return EditorState(params, st)
 
