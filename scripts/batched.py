@@ -169,7 +169,13 @@ def main():
   p.add_argument("--stream-n", type=int, default=960, help="edits in each stream (from the test split)")
   args, extra = p.parse_known_args()
   extra = [e for e in extra if e != "--"]
-  ks = [int(k) for k in args.ks.split(",")]
+  def k_list(flag: str, value: str) -> list[int]:
+    items = value.split(",")
+    if not all(x.strip().isdigit() and int(x) >= 1 for x in items):
+      p.error(f"{flag}: expected comma-separated integers >= 1, got {value!r}")
+    return [int(x) for x in items]
+
+  ks = k_list("--ks", args.ks)
   aggs = args.aggs.split(",")
   for agg in aggs:
     if agg not in ("sum", "least_squares"):
@@ -180,14 +186,14 @@ def main():
     if not (k.isdigit() and n.isdigit() and int(k) > 1):
       p.error(f"--steps: expected K:N with K > 1 (e.g. 25:300), got {item!r}")
     steps[int(k)] = int(n)
-  train_ks = [int(k) for k in args.train_ks.split(",")] if args.train_ks else ks
+  train_ks = k_list("--train-ks", args.train_ks) if args.train_ks else ks
   results = sweep(args.config, ks, train_ks, aggs, args.workdir, not args.no_train, extra, steps)
   text = tables(results, ks)
   print(text)
   figure = os.path.basename(plot(results, os.path.splitext(args.out)[0] + ".png"))
   text += f"\n\n![]({figure})\n"
   if args.streams:
-    res = streams(results, [int(k) for k in args.streams.split(",")], args.stream_n, args.workdir)
+    res = streams(results, k_list("--streams", args.streams), args.stream_n, args.workdir)
     summary = stream_summary(res)
     print(summary)
     fig = report.plot_stream(res, os.path.splitext(args.out)[0] + "_stream.png", "lifelong editing")
