@@ -4,7 +4,7 @@ Per micro-step: edit with (x_e, y_e); L_e = token-mean NLL of the edited model o
 (x'_e, y_e); L_loc = KL(p_base || p_edited) on a locality batch; L = c_edit L_e + c_loc L_loc
 (the editor's `loss`, `mend_jax.editors.base`; ENN adds its base-model term). Adam on the
 editor's "net" leaves (lr) and, separately, on its "alpha" leaves (lr_lr: MEND's per-layer steps,
-ENN's inner learning rates), global-norm clipping, gradient accumulation (optax.MultiSteps). A
+ENN's inner learning rates), global-norm clipping, gradient accumulation (`mend_jax.optim`). A
 micro-step whose loss, gradient or carried state is not finite changes nothing (params,
 optimizer state, aux) and is counted in `n_skipped`. Nothing here is specific to one editor.
 
@@ -28,7 +28,7 @@ import optax
 from absl import logging
 
 from mend_jax import checkpoint as ckpt_lib
-from mend_jax import losses, report, sharding, tree
+from mend_jax import losses, optim, report, sharding, tree
 from mend_jax.data.batches import EditData
 from mend_jax.editors.base import Editor, EditorState
 
@@ -109,23 +109,21 @@ def _lr(cfg: TrainConfig, peak: float):
   return optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup, max(updates, cfg.warmup + 1), peak * 0.1)
 
 
-def make_optimizer(cfg: TrainConfig, editor: Editor) -> optax.GradientTransformation:
-  """Adam (lr) for the editor's "net" leaves, its own Adam (lr_lr) for the "alpha" leaves
-  (`editor.param_labels`), after global-norm clipping; then accumulation over cfg.accumulate."""
-  inner = optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
-      optax.multi_transform({"net": optax.adam(_lr(cfg, cfg.lr)), "alpha": optax.adam(_lr(cfg, cfg.lr_lr))},
-                            editor.param_labels),
-  )
-  return optax.MultiSteps(inner, every_k_schedule=cfg.accumulate) if cfg.accumulate > 1 else inner
+def make_optimizer(cfg: TrainConfig, editor: Editor) -> optim.ClippedAdam:
+  """Global-norm clipping, then Adam (lr) for the editor's "net" leaves and Adam (lr_lr) for its
+  "alpha" leaves (`editor.param_labels`), applied every cfg.accumulate micro-steps to their mean
+  gradient: optax's clip_by_global_norm, multi_transform of two adams and MultiSteps, fused into
+  one pass over each parameter (`mend_jax.optim`)."""
+  return optim.ClippedAdam({"net": _lr(cfg, cfg.lr), "alpha": _lr(cfg, cfg.lr_lr)}, editor.param_labels,
+                           cfg.grad_clip, cfg.accumulate)
 
 
-def _initial_state(editor: Editor, tx: optax.GradientTransformation, rng: jax.Array, base_params) -> TrainState:
+def _initial_state(editor: Editor, tx: optim.ClippedAdam, rng: jax.Array, base_params) -> TrainState:
   st = editor.init(jax.random.fold_in(rng, 0), base_params)
   return TrainState(jnp.zeros((), jnp.int32), st, tx.init(st.params), jnp.zeros((), jnp.int32))
 
 
-def init_state(editor: Editor, tx: optax.GradientTransformation, seed: int, base_params=None,
+def init_state(editor: Editor, tx: optim.ClippedAdam, seed: int, base_params=None,
                mesh=None, shard_editor: bool = False) -> TrainState:
   """The initial state, built under jit (no eager temporaries: the editor of the 6x768 benchmark
   has 59M parameters, plus two Adam moments); on `mesh`, placed by `sharding.state_shardings`."""
@@ -136,7 +134,7 @@ def init_state(editor: Editor, tx: optax.GradientTransformation, seed: int, base
   return jax.jit(init, out_shardings=out)(jax.random.PRNGKey(seed), base_params)
 
 
-def state_shapes(editor: Editor, tx: optax.GradientTransformation, seed: int, base_params=None) -> TrainState:
+def state_shapes(editor: Editor, tx: optim.ClippedAdam, seed: int, base_params=None) -> TrainState:
   """The abstract TrainState (jax.ShapeDtypeStruct leaves) `init_state` would build; no arrays."""
   return jax.eval_shape(functools.partial(_initial_state, editor, tx), jax.random.PRNGKey(seed), base_params)
 
@@ -170,17 +168,15 @@ def make_train_step(editor: Editor, cfg: TrainConfig, fault: Callable | None = N
       return loss, aux
 
     (loss, (new_aux, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.editor.params)
-    ok = jnp.isfinite(loss) & tree.all_finite(grads) & tree.all_finite(new_aux)
-
-    def apply(params, opt_state):
-      updates, new_opt = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), new_opt
+    grad_norm = optax.global_norm(grads)  # not finite if any gradient is not (or their norm overflows)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree.all_finite(new_aux)
 
     # A branch rather than a jnp.where between the old and new state: XLA then updates the donated
     # parameters and Adam moments in place instead of copying both moments first (docs/scale.md).
-    new_params, new_opt = jax.lax.cond(ok, apply, lambda p, o: (p, o), state.editor.params, state.opt_state)
+    new_params, new_opt = jax.lax.cond(ok, functools.partial(tx.apply, grads), lambda o, p: (p, o),
+                                       state.opt_state, state.editor.params)
     kept_aux = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_aux, state.editor.aux)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "skipped": (~ok).astype(jnp.float32)}
+    metrics = {**metrics, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
     new_state = TrainState(
         step=state.step + 1,
         editor=EditorState(new_params, kept_aux),
