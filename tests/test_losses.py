@@ -63,6 +63,18 @@ def test_exact_match_needs_every_label_token():
   np.testing.assert_array_equal(np.asarray(got), [1, 0, 0])
 
 
+def test_is_argmax_equals_numpy_argmax_with_ties_and_nans():
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 4, size=(300, 5, 9)).astype(np.float32)  # small integers: many ties
+  x[rng.random(x.shape) < 0.03] = np.nan
+  labels = rng.integers(0, 9, size=(300, 5))
+  labels[::2] = np.argmax(x[::2], -1)  # numpy's argmax: the first NaN, else the first maximum
+  ref = np.argmax(x, -1) == labels
+  got = np.asarray(losses.is_argmax(jnp.asarray(x), jnp.asarray(labels)))
+  assert 0.3 < ref.mean() < 0.8 and np.isnan(x).any(axis=-1).mean() > 0.1
+  np.testing.assert_array_equal(got, ref)
+
+
 def test_locality_kl_matches_a_loop_and_respects_the_mask():
   p, q = _random(2, 2, 4, 6), _random(3, 2, 4, 6)
   mask = np.array([[1, 1, 0, 0], [0, 1, 1, 1]], np.int32)
