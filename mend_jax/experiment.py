@@ -29,6 +29,7 @@ from mend_jax.editors.base import Editor, build_config
 from mend_jax.models import EditableModel, load_model
 from mend_jax.synthetic import benchmark
 from mend_jax.synthetic import pretrain as pretrain_lib
+from mend_jax.synthetic import world as world_lib
 from mend_jax.synthetic.world import WorldConfig
 
 TASKS = ("synthetic", "facts", "zsre", "fever", "wikitext")
@@ -96,7 +97,14 @@ def _prepare(config, progress: Callable | None = None) -> Task:
   max_len = int(config.data.max_len)
   if model.max_length is not None and max_len > model.max_length:
     raise ValueError(f"data.max_len={max_len} exceeds the model's context of {model.max_length}")
-  split = lambda s: EditData.from_records(benchmark.load_records(paths[s]), tokenizer, max_len, name=str(paths[s]))
+  n_targets = int(config.data.targets_per_fact)
+  if n_targets < 1:
+    raise ValueError(f"config.data.targets_per_fact must be >= 1, got {n_targets}")
+  records = {s: benchmark.load_records(paths[s]) for s in ("train", "val", "test")}
+  if n_targets > 1:
+    records["train"] = world_lib.with_more_targets(benchmark.load_world(data_dir), records["train"], n_targets,
+                                                   int(config.seed))
+  split = lambda s: EditData.from_records(records[s], tokenizer, max_len, name=str(paths[s]))
   return Task(model, tokenizer, split("train"), split("val"), split("test"))
 
 

@@ -7,6 +7,8 @@
     (overrides of the tiny Hugging Face config), pretrain (PretrainConfig: the synthetic base model);
   data: max_len, train_path, val_path, test_path (and the task's extra files: nq_path,
     loc_train_path, loc_val_path, min_words), world (WorldConfig: the synthetic world),
+    targets_per_fact (synthetic: training records per fact, each with its own new target; a
+    training batch holds at most one of them),
     cache_activations ("": off; "memory" or "disk": the hidden state entering the lowest edited
     block, computed once per record, so training and evaluation run only the edited blocks and
     the head; "disk" keeps memory-mapped files in the work directory), cache_dtype;
@@ -55,7 +57,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       "tiny": ml_collections.ConfigDict(), "pretrain": _section(PretrainConfig())})
   c.data = ml_collections.ConfigDict({
       "max_len": 32, "train_path": "", "val_path": "", "test_path": "", "nq_path": "", "loc_train_path": "",
-      "loc_val_path": "", "min_words": 0, "world": ml_collections.ConfigDict(world), "cache_activations": "",
+      "loc_val_path": "", "min_words": 0, "world": ml_collections.ConfigDict(world), "targets_per_fact": 1, "cache_activations": "",
       "cache_dtype": "float32"})
   c.train = _section(TrainConfig())
   c.eval = ml_collections.ConfigDict({"n_test": -1, "k": 1, "show_edit": False})

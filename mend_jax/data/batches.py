@@ -399,9 +399,25 @@ class EditData:
       views[view] = dataclasses.replace(plain, hidden=out)
     return dataclasses.replace(self, **views)
 
+  @functools.cached_property
+  def _groups(self) -> list[np.ndarray] | None:
+    """Row indices per distinct record "group" (in first-seen order), or None when no record has one."""
+    if not any("group" in r for r in self.records):
+      return None
+    members: dict = {}
+    for i, r in enumerate(self.records):
+      members.setdefault(r.get("group", ("row", i)), []).append(i)
+    return [np.asarray(m) for m in members.values()]
+
   def sample(self, seed: int, step: int, n_edits: int, n_loc: int):
-    """The training batch of `step`: a pure function of (seed, step)."""
+    """The training batch of `step`: a pure function of (seed, step). When records carry a
+    "group" (several edits of one fact), the edits come from distinct groups, one row each."""
     rng = np.random.default_rng([seed, step])
-    idx = rng.choice(len(self), size=n_edits, replace=len(self) < n_edits)
+    groups = self._groups
+    if groups is None:
+      idx = rng.choice(len(self), size=n_edits, replace=len(self) < n_edits)
+    else:
+      picked = rng.choice(len(groups), size=n_edits, replace=len(groups) < n_edits)
+      idx = np.asarray([groups[g][rng.integers(len(groups[g]))] for g in picked])
     loc_idx = rng.choice(len(self), size=n_loc, replace=len(self) < n_loc)
     return self.batch(idx, loc_idx)

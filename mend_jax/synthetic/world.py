@@ -385,6 +385,41 @@ def make_records(world: World, split: str, seed: int | None = None) -> list[dict
   return records
 
 
+def with_more_targets(world: World, records: Sequence[dict], n: int, seed: int = 0) -> list[dict]:
+  """``records`` (from :func:`make_records`) with ``n - 1`` more records per fact: the same
+  subject and relation with another new target, another template pair and another locality probe.
+
+  Every returned record gets ``group`` = "subject|relation", so that a training batch can avoid
+  holding two contradictory edits of one fact (`EditData.sample`). ``n = 1`` only adds groups.
+  More targets per fact give an editor trained on many edits at once more distinct edits to learn
+  from without a larger world (and base model).
+  """
+  if n < 1:
+    raise ValueError(f"targets per fact must be >= 1, got {n}")
+  rng = random.Random(f"{seed}-more-targets")
+  by_name = {rel.name: rel for rel in world.config.relations}
+  out = []
+  for r in records:
+    s, rel = r["subject"], by_name[r["relation"]]
+    group = f"{s}|{rel.name}"
+    out.append({**r, "group": group})
+    truth = world.facts[s][rel.name]
+    # Targets other than the truth and the record's own, without repeats while the pool lasts.
+    pool = [o for o in world.objects[rel.name] if o not in (truth, r["alt"])]
+    alts = rng.sample(pool, min(n - 1, len(pool))) + [rng.choice(pool) for _ in range(n - 1 - len(pool))]
+    split_subjects = [x for x in world.splits.values() if s in x][0]
+    for alt in alts:
+      a, b = rng.sample(range(len(rel.templates)), 2)
+      loc_s = rng.choice([x for x in split_subjects if x != s])
+      loc_rel = rng.choice(world.config.relations)
+      loc_t = rng.randrange(len(loc_rel.templates))
+      out.append({**r, "group": group, "alt": alt, "src": render_prompt(rel.templates[a], s),
+                  "rephrase": render_prompt(rel.templates[b], s), "src_template": a, "rephrase_template": b,
+                  "loc": render_prompt(loc_rel.templates[loc_t], loc_s), "loc_ans": world.facts[loc_s][loc_rel.name],
+                  "loc_subject": loc_s, "loc_relation": loc_rel.name, "loc_template": loc_t})
+  return out
+
+
 def world_to_json(world: World) -> dict:
   """JSON-ready dict of the world (config included)."""
   return {

@@ -8,6 +8,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mend_jax.data import batches as B
 from mend_jax.synthetic import benchmark
+from mend_jax.synthetic import world as synthetic_world
 
 
 def test_read_positions_by_hand():
@@ -166,3 +167,39 @@ def test_a_target_outside_the_vocabulary_is_an_error(synth_setup):
   tok = synth_setup["tok"]  # word-level: an unknown word becomes <unk>
   with pytest.raises(ValueError, match=r"x\[0\]: the target 'Zzyzxq' has words outside the tokenizer's vocabulary"):
     B.encode_pairs(tok, ["The capital of Fodu is"], ["Zzyzxq"], 24, what="x")
+
+
+def test_more_targets_per_fact_and_batches_without_two_edits_of_one_fact(synth_setup):
+  world = benchmark.load_world(synth_setup["root"])
+  recs = list(synth_setup["data"].records)
+  more = synthetic_world.with_more_targets(world, recs, 4, seed=0)
+  assert len(more) == 4 * len(recs)
+  by_fact = {}
+  for r in more:
+    assert r["alt"] != world.facts[r["subject"]][r["relation"]]
+    assert r["group"] == f"{r['subject']}|{r['relation']}"
+    assert r["src"] != r["rephrase"] and r["subject"] in r["src"] and r["subject"] in r["rephrase"]
+    by_fact.setdefault(r["group"], set()).add(r["alt"])
+  assert len(by_fact) == len(recs) and all(len(alts) == 4 for alts in by_fact.values())
+  assert [r["alt"] for r in more[::4]] == [r["alt"] for r in recs]  # the original records come first
+  with pytest.raises(ValueError, match="targets per fact must be >= 1"):
+    synthetic_world.with_more_targets(world, recs, 0)
+
+  data = B.EditData.from_records(more, synth_setup["tok"], 24)
+  n = len(recs)  # as many edits as facts: a plain draw of n rows out of 4n would repeat facts
+  seen_rows = set()
+  for step in range(20):
+    b = data.sample(0, step, n, 3)
+    groups = [more[i]["group"] for i in _sampled_rows(data, b)]
+    assert len(groups) == len(set(groups)) == n
+    seen_rows.update(_sampled_rows(data, b))
+  assert len(seen_rows) > 2 * n  # rows of every target get drawn, not only the first of each fact
+  np.testing.assert_array_equal(data.sample(0, 5, n, 3)["edit"]["input_ids"], data.sample(0, 5, n, 3)["edit"]["input_ids"])
+
+
+def _sampled_rows(data, b):
+  """The record indices of a sampled batch's edit rows (by matching input_ids and labels)."""
+  key = lambda t, i: (t.input_ids[i].tobytes(), t.labels[i].tobytes())
+  where = {key(data.edit, i): i for i in range(len(data))}
+  return [where[(b["edit"]["input_ids"][j].tobytes(), b["edit"]["labels"][j].tobytes())]
+          for j in range(len(b["edit"]["input_ids"]))]
