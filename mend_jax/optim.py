@@ -57,10 +57,11 @@ class ClippedAdam(NamedTuple):
     acc = zeros() if self.accumulate > 1 else None
     return OptState(jnp.zeros((), jnp.int32), zeros(), zeros(), acc, jnp.zeros((), jnp.int32))
 
-  def apply(self, grads, state: OptState, params):
-    """(new params, new state) after one micro-step with `grads`."""
+  def apply(self, grads, state: OptState, params, grad_norm: jax.Array | None = None):
+    """(new params, new state) after one micro-step with `grads` (grad_norm: their global norm,
+    if the caller has it; used without accumulation)."""
     if self.accumulate == 1:
-      return self._adam(grads, state, params)
+      return self._adam(grads, state, params, grad_norm)
     n = state.mini_step
     acc = jax.tree_util.tree_map(lambda a, g: a + (g - a) / (n + 1).astype(a.dtype), state.acc, grads)
 
@@ -74,9 +75,11 @@ class ClippedAdam(NamedTuple):
 
     return jax.lax.cond(n + 1 >= self.accumulate, emit, hold, params, state)
 
-  def _adam(self, grads, state: OptState, params):
-    norm = optax.global_norm(grads)
-    keep = norm < self.max_norm
+  def _adam(self, grads, state: OptState, params, norm=None):
+    norm = optax.global_norm(grads) if norm is None else norm
+    # One scalar factor (optax divides each gradient by the norm, then multiplies): a multiply is
+    # cheap enough for XLA to repeat in both moments' updates instead of storing clipped gradients.
+    scale = jnp.where(norm < self.max_norm, 1.0, self.max_norm / norm)
     count = state.count + 1
     bc1 = 1 - self.b1 ** count.astype(jnp.float32)
     bc2 = 1 - self.b2 ** count.astype(jnp.float32)
@@ -84,7 +87,7 @@ class ClippedAdam(NamedTuple):
              for label, lr in self.lrs.items()}
 
     def leaf(label, p, g, m, v):
-      g = jnp.where(keep, g, g / norm.astype(g.dtype) * self.max_norm)
+      g = g * scale.astype(g.dtype)
       m = (1 - self.b1) * g + self.b1 * m
       v = (1 - self.b2) * jnp.square(g) + self.b2 * v
       step = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + self.eps)

@@ -173,8 +173,8 @@ def make_train_step(editor: Editor, cfg: TrainConfig, fault: Callable | None = N
 
     # A branch rather than a jnp.where between the old and new state: XLA then updates the donated
     # parameters and Adam moments in place instead of copying both moments first (docs/scale.md).
-    new_params, new_opt = jax.lax.cond(ok, functools.partial(tx.apply, grads), lambda o, p: (p, o),
-                                       state.opt_state, state.editor.params)
+    new_params, new_opt = jax.lax.cond(ok, functools.partial(tx.apply, grads, grad_norm=grad_norm),
+                                       lambda o, p: (p, o), state.opt_state, state.editor.params)
     kept_aux = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_aux, state.editor.aux)
     metrics = {**metrics, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
     new_state = TrainState(
