@@ -23,6 +23,9 @@ one after another to the same model (each from the model the previous one left);
 the success of edits 1..j is measured again (`retained_*` curves), and locality after all k.
 Lifelong editing (`evaluate_stream`): one long stream of edits, k at a time, with the retained
 success of all earlier edits and the locality measured along it.
+Locality examples are never about a fact the same batch (sequence, stream) edits, when the
+records name their facts (`EditData.unedited_locality`): k edits of the k facts a locality set
+asks about would be counted as locality failures.
 
 Every editor works here (`mend_jax.editors.base.Editor`); its `pre_edit_params(state,
 base_params)` gives the model its edits start from (ENN trains its own copy of the model).
@@ -254,7 +257,8 @@ def evaluate_stream(editor: Editor, state: EditorState, base_params, data: EditD
   """Lifelong editing: the first n_edits records as one stream, k edits at a time, every batch
   applied to the model the previous one left. After every `every` batches (and the last) the
   retained success of every edit so far (paraphrase and edit prompt) and the locality on a fixed
-  set (the first n_loc records' locality examples, against the unedited model) are measured.
+  set (up to n_loc locality examples about facts the stream does not edit, against the unedited
+  model) are measured.
 
   Returns {"k", "n_edits", "curve": [{"edits", "edit_success", "reliability", "locality_unchanged",
   "locality_drawdown"}, ...], "time_per_edit_s"}: the curve's last row is after the whole stream.
@@ -265,7 +269,9 @@ def evaluate_stream(editor: Editor, state: EditorState, base_params, data: EditD
   success_fn, locality_fn = _stream_fns(editor)
   edit_fn = editors.jit_edit(editor)
   pre = editor.pre_edit_params(state, base_params)
-  loc = data.loc.take(np.arange(min(n_loc, len(data))))
+  # Locality examples about facts the stream never edits (`EditData.unedited_locality`).
+  loc_rows = np.unique(data.unedited_locality(np.arange(n), np.arange(len(data))))
+  loc = data.loc.take(loc_rows[:n_loc])
   params, curve, times = pre, [], []
   n_batches = n // k
   for b in range(n_batches):

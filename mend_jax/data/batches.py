@@ -342,9 +342,40 @@ class EditData:
     )
 
   def batch(self, idx, loc_idx=None) -> dict[str, dict[str, np.ndarray]]:
-    """{"edit", "equiv", "loc"} batches for the records at idx (locality rows loc_idx, default idx)."""
-    loc_idx = idx if loc_idx is None else loc_idx
+    """{"edit", "equiv", "loc"} batches for the records at idx (locality rows loc_idx, default idx;
+    a locality row about a fact that one of the edits changes is replaced, `unedited_locality`)."""
+    loc_idx = self.unedited_locality(idx, idx if loc_idx is None else loc_idx)
     return {"edit": self.edit.take(idx), "equiv": self.equiv.take(idx), "loc": self.loc.take(loc_idx)}
+
+  @functools.cached_property
+  def _facts(self) -> tuple[np.ndarray, np.ndarray] | None:
+    """(the fact each row edits, the fact its locality example asks about) as integer ids, or None
+    when the records do not name them (subject, relation, loc_subject, loc_relation)."""
+    keys = ("subject", "relation", "loc_subject", "loc_relation")
+    if not all(k in r for r in self.records for k in keys):
+      return None
+    ids: dict = {}
+    edit = np.asarray([ids.setdefault((r["subject"], r["relation"]), len(ids)) for r in self.records])
+    loc = np.asarray([ids.setdefault((r["loc_subject"], r["loc_relation"]), len(ids)) for r in self.records])
+    return edit, loc
+
+  def unedited_locality(self, edit_idx, loc_idx) -> np.ndarray:
+    """loc_idx with every row whose locality example asks about a fact edited by a record at edit_idx
+    replaced by the next row (cyclically) whose example does not. Such an example is not a
+    locality test: the edits are meant to change its answer (with k edits out of n facts, about
+    k/n of the locality rows would be). Unchanged when the records do not name their facts."""
+    loc_idx = np.asarray(loc_idx)
+    if self._facts is None:
+      return loc_idx
+    edit_fact, loc_fact = self._facts
+    good = np.flatnonzero(~np.isin(loc_fact, edit_fact[np.asarray(edit_idx)]))
+    if len(good) == 0:
+      raise ValueError(f"every locality example of these {len(self)} records asks about one of the "
+                       f"{len(np.asarray(edit_idx))} edited facts; none is left to measure locality")
+    bad = ~np.isin(loc_idx, good)
+    out = loc_idx.copy()
+    out[bad] = good[np.searchsorted(good, loc_idx[bad]) % len(good)]
+    return out
 
   def with_cached_activations(self, model: models.EditableModel, params, batch_size: int = 64,
                               dtype: str = "float32", directory: str | None = None,

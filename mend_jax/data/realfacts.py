@@ -124,6 +124,7 @@ def build(seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
             "subject": s, "relation": rel, "src": templates[a].format(s=s), "alt": alt,
             "rephrase": templates[b].format(s=s), "answers": [truth],
             "loc": RELATIONS[loc_rel][rng.randrange(len(seen))].format(s=loc_s), "loc_ans": table[loc_s][loc_rel],
+            "loc_subject": loc_s, "loc_relation": loc_rel,
         })
     rng.shuffle(records)
     out[split] = records

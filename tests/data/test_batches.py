@@ -186,14 +186,14 @@ def test_more_targets_per_fact_and_batches_without_two_edits_of_one_fact(synth_s
     synthetic_world.with_more_targets(world, recs, 0)
 
   data = B.EditData.from_records(more, synth_setup["tok"], 24)
-  n = len(recs)  # as many edits as facts: a plain draw of n rows out of 4n would repeat facts
+  n = len(recs) // 2  # edits of half the facts: a plain draw of n rows out of 4n would repeat facts
   seen_rows = set()
   for step in range(20):
     b = data.sample(0, step, n, 3)
     groups = [more[i]["group"] for i in _sampled_rows(data, b)]
     assert len(groups) == len(set(groups)) == n
     seen_rows.update(_sampled_rows(data, b))
-  assert len(seen_rows) > 2 * n  # rows of every target get drawn, not only the first of each fact
+  assert len(seen_rows) > 4 * n  # rows of every target get drawn, not only the first of each fact
   np.testing.assert_array_equal(data.sample(0, 5, n, 3)["edit"]["input_ids"], data.sample(0, 5, n, 3)["edit"]["input_ids"])
 
 
@@ -203,3 +203,30 @@ def _sampled_rows(data, b):
   where = {key(data.edit, i): i for i in range(len(data))}
   return [where[(b["edit"]["input_ids"][j].tobytes(), b["edit"]["labels"][j].tobytes())]
           for j in range(len(b["edit"]["input_ids"]))]
+
+
+def test_locality_rows_never_ask_about_an_edited_fact(synth_setup):
+  data = synth_setup["data"]
+  recs = data.records
+  fact = lambda r: (r["subject"], r["relation"])
+  loc_fact = lambda r: (r["loc_subject"], r["loc_relation"])
+  n = len(recs)
+  idx = np.arange(n // 2)
+  edited = {fact(recs[i]) for i in idx}
+  clashing = [i for i in idx if loc_fact(recs[i]) in edited]
+  assert clashing  # half the facts edited at once: some records' own locality examples are edited facts
+  rows = data.unedited_locality(idx, idx)
+  assert all(loc_fact(recs[j]) not in edited for j in rows)
+  kept = [i for i in idx if i not in clashing]
+  np.testing.assert_array_equal(rows[kept], idx[kept])  # the others keep their own example
+  # The batch carries the replaced rows: its locality inputs are those of `rows`.
+  np.testing.assert_array_equal(data.batch(idx)["loc"]["input_ids"], data.loc.take(rows)["input_ids"])
+  # A single edit never clashes with its own record's example (another subject) and keeps the rows.
+  np.testing.assert_array_equal(data.unedited_locality([0], [0, 1, 2]), [0, 1, 2])
+  # Every locality example is a fact of this split, and editing all of them leaves none.
+  with pytest.raises(ValueError, match="none is left to measure locality"):
+    data.unedited_locality(np.arange(n), np.arange(n))
+  # Records that do not name their facts are left alone.
+  plain = [{k: v for k, v in r.items() if k not in ("loc_subject", "loc_relation")} for r in recs]
+  d2 = B.EditData.from_records(plain, synth_setup["tok"], 24)
+  np.testing.assert_array_equal(d2.unedited_locality(idx, idx), idx)
