@@ -244,7 +244,7 @@ def post_edit_loss(model: EditableModel, edited_params, ref_params, batch: Mappi
   metrics = {
       "loss": loss, "loss_edit": l_edit, "loss_loc": l_loc,
       "edit_success": jnp.mean(exact_match(task, eq_logits, batch["equiv"])),
-      "loc_agree": jnp.mean(exact_match(task, post_logits, batch["loc"])
-                            == exact_match(task, ref_logits, batch["loc"])),
+      # `loc`, the batch the logits were computed on (with kl_positions="all" it has no read_pos).
+      "loc_agree": jnp.mean(exact_match(task, post_logits, loc) == exact_match(task, ref_logits, loc)),
   }
   return loss, metrics

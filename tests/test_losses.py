@@ -63,6 +63,27 @@ def test_exact_match_needs_every_label_token():
   np.testing.assert_array_equal(np.asarray(got), [1, 0, 0])
 
 
+def test_outer_loss_metrics_do_not_depend_on_the_kl_positions():
+  """kl_positions="all" projects every position of the locality batch, "answer" only its read
+  positions; the locality agreement over the answer tokens must be the same either way."""
+  model = tiny_model("gpt2")
+  edit = with_read(model, make_batch(model, seed=1, batch=3, length=8, n_labels=3))[1]
+  loc = with_read(model, make_batch(model, seed=2, batch=4, length=8, n_labels=3, pad=1))[1]
+  assert loc["read_pos"].shape[1] > 1  # several answer tokens (a wrong alignment cannot broadcast)
+  batch = {"edit": edit, "equiv": edit, "loc": loc}
+  # An edited model that changes some locality predictions and keeps others.
+  edited = jax.tree_util.tree_map(lambda x: x * 1.3, model.params)
+  out = {}
+  for mode in ("answer", "all"):
+    _, m = losses.post_edit_loss(model, edited, model.params, batch, losses.Objective(kl_positions=mode))
+    out[mode] = jax.device_get(m)
+  base = model.logits(model.params, loc)
+  new = model.logits(edited, loc)
+  ref = float(np.mean(np.asarray(losses.exact_match("causal_lm", new, loc) == losses.exact_match("causal_lm", base, loc))))
+  assert out["all"]["loc_agree"] == out["answer"]["loc_agree"] == ref
+  assert out["all"]["loss_loc"] != out["answer"]["loss_loc"]  # the KLs themselves read other positions
+
+
 def test_is_argmax_equals_numpy_argmax_with_ties_and_nans():
   rng = np.random.default_rng(0)
   x = rng.integers(0, 4, size=(300, 5, 9)).astype(np.float32)  # small integers: many ties
