@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from mend_jax import models
 from mend_jax.losses import IGNORE
@@ -363,15 +364,17 @@ class EditData:
     """loc_idx with every row whose locality example asks about a fact edited by a record at edit_idx
     replaced by the next row (cyclically) whose example does not. Such an example is not a
     locality test: the edits are meant to change its answer (with k edits out of n facts, about
-    k/n of the locality rows would be). Unchanged when the records do not name their facts."""
+    k/n of the locality rows would be). Unchanged when the records do not name their facts, or
+    when every row's example is about an edited fact (logged)."""
     loc_idx = np.asarray(loc_idx)
     if self._facts is None:
       return loc_idx
     edit_fact, loc_fact = self._facts
     good = np.flatnonzero(~np.isin(loc_fact, edit_fact[np.asarray(edit_idx)]))
-    if len(good) == 0:
-      raise ValueError(f"every locality example of these {len(self)} records asks about one of the "
-                       f"{len(np.asarray(edit_idx))} edited facts; none is left to measure locality")
+    if len(good) == 0:  # e.g. a whole small split edited at once: nothing better to measure with
+      logging.warning("every locality example of these %d records asks about one of the %d edited facts; "
+                      "locality is measured on them as they are", len(self), len(np.asarray(edit_idx)))
+      return loc_idx
     bad = ~np.isin(loc_idx, good)
     out = loc_idx.copy()
     out[bad] = good[np.searchsorted(good, loc_idx[bad]) % len(good)]

@@ -223,9 +223,9 @@ def test_locality_rows_never_ask_about_an_edited_fact(synth_setup):
   np.testing.assert_array_equal(data.batch(idx)["loc"]["input_ids"], data.loc.take(rows)["input_ids"])
   # A single edit never clashes with its own record's example (another subject) and keeps the rows.
   np.testing.assert_array_equal(data.unedited_locality([0], [0, 1, 2]), [0, 1, 2])
-  # Every locality example is a fact of this split, and editing all of them leaves none.
-  with pytest.raises(ValueError, match="none is left to measure locality"):
-    data.unedited_locality(np.arange(n), np.arange(n))
+  # Every locality example is a fact of this split: editing all of them leaves none to swap in,
+  # and the rows stay as they are.
+  np.testing.assert_array_equal(data.unedited_locality(np.arange(n), np.arange(5)), np.arange(5))
   # Records that do not name their facts are left alone.
   plain = [{k: v for k, v in r.items() if k not in ("loc_subject", "loc_relation")} for r in recs]
   d2 = B.EditData.from_records(plain, synth_setup["tok"], 24)
