@@ -79,6 +79,9 @@ def prepare(config, progress: Callable | None = None) -> Task:
 def _prepare(config, progress: Callable | None = None) -> Task:
   if config.task not in TASKS:
     raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
+  if config.task != "synthetic" and int(config.data.targets_per_fact) != 1:
+    raise ValueError(f"config.data.targets_per_fact={config.data.targets_per_fact} applies to the synthetic task "
+                     f"only (its world knows the other targets); this config's task is {config.task!r}")
   if config.task == "facts":
     return _prepare_facts(config)
   if config.task != "synthetic":

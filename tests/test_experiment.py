@@ -114,6 +114,16 @@ def test_the_config_names_the_editor_and_its_section(synth_setup):
     experiment.make_editor(ml_collections.ConfigDict({"alg": "enn", "enn": {"lrr": 1}}), m)
 
 
+def test_targets_per_fact_is_an_error_outside_the_synthetic_task():
+  from mend_jax.configs import facts as facts_config
+
+  c = facts_config.get_config()
+  with c.unlocked():
+    c.data.targets_per_fact = 4
+  with pytest.raises(ValueError, match=r"targets_per_fact=4 applies to the synthetic task only.*'facts'"):
+    experiment.prepare(c)
+
+
 def test_facts_task_trains_on_the_users_files_and_edits_from_strings(tmp_path):
   """A causal LM (a tiny llama saved as a model directory with its tokenizer), edits in EasyEdit's
   format for training and CounterFact's for test, through the real entry point; the saved editor

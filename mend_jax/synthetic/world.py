@@ -406,6 +406,9 @@ def with_more_targets(world: World, records: Sequence[dict], n: int, seed: int =
     truth = world.facts[s][rel.name]
     # Targets other than the truth and the record's own, without repeats while the pool lasts.
     pool = [o for o in world.objects[rel.name] if o not in (truth, r["alt"])]
+    if n > 1 and not pool:
+      raise ValueError(f"relation {rel.name!r} has no object besides the truth and the record's target; "
+                       f"{n} targets per fact need WorldConfig.n_objects_per_relation >= 3")
     alts = rng.sample(pool, min(n - 1, len(pool))) + [rng.choice(pool) for _ in range(n - 1 - len(pool))]
     split_subjects = [x for x in world.splits.values() if s in x][0]
     for alt in alts:

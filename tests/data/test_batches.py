@@ -1,6 +1,8 @@
 """Records to fixed-shape batches, per task, against hand-written expected values; malformed
 records give errors naming the record and field."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -184,6 +186,12 @@ def test_more_targets_per_fact_and_batches_without_two_edits_of_one_fact(synth_s
   assert [r["alt"] for r in more[::4]] == [r["alt"] for r in recs]  # the original records come first
   with pytest.raises(ValueError, match="targets per fact must be >= 1"):
     synthetic_world.with_more_targets(world, recs, 0)
+  # A relation with no third object has no other new target to give.
+  r0 = recs[0]
+  narrow = dataclasses.replace(world, objects={**world.objects, r0["relation"]: (
+      world.facts[r0["subject"]][r0["relation"]], r0["alt"])})
+  with pytest.raises(ValueError, match=r"n_objects_per_relation >= 3"):
+    synthetic_world.with_more_targets(narrow, [r0], 2)
 
   data = B.EditData.from_records(more, synth_setup["tok"], 24)
   n = len(recs) // 2  # edits of half the facts: a plain draw of n rows out of 4n would repeat facts
