@@ -121,6 +121,30 @@ def test_kl_gradient_equals_float64_finite_differences_and_autodiff():
   np.testing.assert_array_equal(np.asarray(gp), 0.0)
 
 
+def test_label_logprob_and_its_gradient_equal_float64_references():
+  rng = np.random.default_rng(4)
+  z = rng.normal(size=(2, 3, 9)) * 4
+  z[0, 0] += 500.0  # large logits: the max shift must keep them finite
+  labels = rng.integers(0, 9, size=(2, 3))
+  w = rng.normal(size=(2, 3))
+
+  def ref(z64):
+    return float(np.sum(w * np.take_along_axis(_log_softmax64(z64), labels[..., None], -1)[..., 0]))
+
+  f = lambda z32: jnp.sum(jnp.asarray(w, jnp.float32) * losses.label_logprob(z32, jnp.asarray(labels, jnp.int32)))
+  np.testing.assert_allclose(float(f(jnp.asarray(z, jnp.float32))), ref(z), rtol=1e-5)
+  g = np.asarray(jax.grad(f)(jnp.asarray(z, jnp.float32)))
+  fd = np.zeros_like(z)
+  for idx in np.ndindex(z.shape):
+    e = np.zeros_like(z)
+    e[idx] = 1e-6
+    fd[idx] = (ref(z + e) - ref(z - e)) / 2e-6
+  np.testing.assert_allclose(g, fd, rtol=1e-4, atol=1e-5)
+  # A row of -inf logits gives NaN, as log_softmax does.
+  bad = jnp.full((1, 4), -jnp.inf)
+  assert np.isnan(float(losses.label_logprob(bad, jnp.zeros((1,), jnp.int32))[0]))
+
+
 def test_locality_kl_matches_a_loop_and_respects_the_mask():
   p, q = _random(2, 2, 4, 6), _random(3, 2, 4, 6)
   mask = np.array([[1, 1, 0, 0], [0, 1, 1, 1]], np.int32)
