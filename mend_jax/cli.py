@@ -176,8 +176,9 @@ writes WORKDIR/results.json and shows one edit. Rerunning the same command resum
   mend-train --workdir runs/demo                       (the offline demo: --config synthetic)
   mend-train --workdir runs/z --config zsre:t5-small --config.alg=enn --config.train.max_steps=500
 """
-EVALUATE_USAGE = """Evaluates the editor saved in WORKDIR on a split: batched edits (k at once), or with --ks a
-sweep of batched and sequential editing (results_k.json, results_k.md, k_sweep.png).
+EVALUATE_USAGE = """Evaluates the editor saved in WORKDIR on a split: batched edits, k at once
+(eval_SPLIT_kK[_nN].json; training's results.json is left as it was), or with --ks a sweep of
+batched and sequential editing (results_k.json, results_k.md, k_sweep.png).
 
   mend-evaluate --workdir runs/demo [--split test] [--k 1] [--n 200]
   mend-evaluate --workdir runs/demo --ks 1,5,25,125
@@ -264,7 +265,9 @@ def evaluate(argv: list[str] | None = None) -> None:
         print("wrote", os.path.join(workdir.value, "results_k.json"))
         return
       res = experiment.evaluate_workdir(config, workdir.value, split=split.value, k=k.value)
-      path = report.write_json(os.path.join(workdir.value, "results.json"), res)
+      # Its own file: results.json holds the training run's results and stays as it was.
+      name = f"eval_{split.value}_k{k.value}" + (f"_n{n.value}" if n.value > 0 else "") + ".json"
+      path = report.write_json(os.path.join(workdir.value, name), res)
       _print_results(res)
       print("wrote", path)
 

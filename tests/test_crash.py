@@ -87,13 +87,21 @@ def test_a_killed_run_resumes_to_the_same_end(point, reference):
 
 
 def test_the_command_line_refuses_to_replace_or_misread_a_workdir(reference):
-  """On a copy of a trained work directory: training another editor into it, or evaluating it
-  with a damaged array file, ends with one `error:` line, and results.json stays as it was."""
+  """On a copy of a trained work directory: evaluating it writes its own file; training another
+  editor into it, or evaluating it with a damaged array file, ends with one `error:` line; and
+  results.json stays as it was throughout."""
   root, cfg, _ = reference
   wd = root / "copy"
   shutil.copytree(root / "reference", wd)
   results = (wd / "results.json").read_bytes()
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  # A successful evaluation writes its own file and leaves training's results alone.
+  r = subprocess.run([sys.executable, "-m", "mend_jax.cli", "evaluate", f"--workdir={wd}", "--n=4"], cwd=ROOT,
+                     env=env, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
+  assert (wd / "results.json").read_bytes() == results
+  with open(wd / "eval_test_k1_n4.json") as f:
+    assert 0.0 <= json.load(f)["edit_success"] <= 1.0
   r = subprocess.run([sys.executable, "-m", "mend_jax.cli", "train", f"--config={cfg}", f"--workdir={wd}",
                       "--config.alg=ft"], cwd=ROOT, env=env, capture_output=True, text=True)
   assert r.returncode == 2 and r.stderr.startswith("error: ") and "alg is 'mend', but this run's is 'ft'" in r.stderr
