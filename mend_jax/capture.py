@@ -125,30 +125,47 @@ def rank1_sum(u: jax.Array, delta: jax.Array, layout: str) -> jax.Array:
   return d2.T @ u2  # [d_out, d_in]
 
 
-def least_squares(u: jax.Array, delta: jax.Array, log_lambda: jax.Array, layout: str) -> jax.Array:
+def least_squares(u: jax.Array, delta: jax.Array, log_lambda: jax.Array, layout: str,
+                  scaled: bool = True) -> jax.Array:
   """The ridge least-squares update of one layer, in the kernel's own orientation:
   lambda (K^T K + lambda I)^-1 K^T D with keys K = u rows [N, d_in], values D = delta rows
   [N, d_out], lambda = exp(log_lambda). The factor lambda keeps the scale of the summed update
   K^T D = `rank1_sum`, which it approaches as lambda -> infinity; a small lambda makes the update
-  fit each key's value instead of adding them up. Float32, by a Cholesky factorisation of the
-  smaller Gram matrix: K K^T [N, N] (the dual form, K^T (K K^T + lambda I)^-1 D) when N <= d_in,
-  else K^T K [d_in, d_in]. Zero rows (masked tokens) take no part."""
+  fit each key's value instead of adding them up. scaled=False drops the factor lambda: the
+  plain ridge solution (K^T K + lambda I)^-1 K^T D (`malmen_values`). Float32, by a Cholesky
+  factorisation of the smaller Gram matrix: K K^T [N, N] (the dual form,
+  K^T (K K^T + lambda I)^-1 D) when N <= d_in, else K^T K [d_in, d_in]. Zero rows (masked
+  tokens) take no part."""
   k = u.reshape(-1, u.shape[-1]).astype(jnp.float32)
   d = delta.reshape(-1, delta.shape[-1]).astype(jnp.float32)
   n, d_in = k.shape
   if n <= d_in:
-    s = k.T @ least_squares_dual(k, d, log_lambda)
+    s = k.T @ least_squares_dual(k, d, log_lambda, scaled)
   else:
     lam = jnp.exp(log_lambda.astype(jnp.float32))
     gram = k.T @ k + lam * jnp.eye(d_in, dtype=jnp.float32)
-    s = lam * jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), k.T @ d)
+    s = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), k.T @ d)
+    s = lam * s if scaled else s
   return s if layout == "in_out" else s.T  # [d_in, d_out] or [d_out, d_in]
 
 
-def least_squares_dual(k: jax.Array, d: jax.Array, log_lambda: jax.Array) -> jax.Array:
+def least_squares_dual(k: jax.Array, d: jax.Array, log_lambda: jax.Array, scaled: bool = True) -> jax.Array:
   """The dual factor X = lambda (K K^T + lambda I)^-1 D [N, d_out] of `least_squares` (whose
-  update is K^T X), for keys k [N, d_in] and values d [N, d_out], float32, by Cholesky."""
+  update is K^T X), for keys k [N, d_in] and values d [N, d_out], float32, by Cholesky;
+  scaled=False drops the factor lambda."""
   k, d = k.astype(jnp.float32), d.astype(jnp.float32)
   lam = jnp.exp(log_lambda.astype(jnp.float32))
   gram = k @ k.T + lam * jnp.eye(k.shape[0], dtype=jnp.float32)
-  return lam * jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), d)
+  x = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), d)
+  return lam * x if scaled else x
+
+
+def malmen_values(keys: jax.Array, u_t: jax.Array, d_t: jax.Array) -> jax.Array:
+  """MALMEN's values [N, d_out]: row i is (k_i . u~_i) delta~_i, the change that row i's own
+  rank-1 term delta~_i u~_i^T makes to the layer's output at its real input k_i. The ridge fit
+  of these values on the real keys (`least_squares(keys, values, log_lambda, layout,
+  scaled=False)`) is MALMEN's update: the one matrix whose change of the output at every key is
+  closest to that key's own change, instead of the sum of all rows' terms."""
+  k = keys.reshape(-1, keys.shape[-1]).astype(jnp.float32)
+  u = u_t.reshape(-1, u_t.shape[-1]).astype(jnp.float32)
+  return jnp.sum(k * u, -1, keepdims=True) * d_t.reshape(-1, d_t.shape[-1]).astype(jnp.float32)

@@ -30,7 +30,7 @@ def _setup(aggregation="sum"):
   return model, ed, state._replace(params={**state.params, "net": net})
 
 
-@pytest.mark.parametrize("aggregation", ["sum", "least_squares"])
+@pytest.mark.parametrize("aggregation", ["sum", "least_squares", "malmen"])
 def test_a_patch_is_the_edit(aggregation):
   model, ed, state = _setup(aggregation)
   batch = make_batch(model, seed=1, batch=2)

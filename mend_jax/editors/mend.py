@@ -4,7 +4,8 @@ Per edited layer l, with u, delta from `capture` and mask = tokens where both ar
   1. u_n, delta_n = normalise(u), normalise(delta) with the running statistics of l's editor;
   2. (u~, delta~) = g_l(u_n, delta_n), g_l the editor for l's weight shape, in mode l;
   3. grad~_l = sum over masked tokens (all edits of the batch) of delta~_t u~_t^T, or with
-     aggregation="least_squares" the ridge solve over those rows (`capture.least_squares`);
+     aggregation="least_squares" the ridge solve over those rows (`capture.least_squares`), or
+     with "malmen" the ridge fit on the real inputs u (`capture.malmen_values`);
   4. W~_l = W_l - alpha_l * grad~_l.
 Only the editable leaves change; every other leaf of the returned tree is the input leaf.
 """
@@ -81,7 +82,7 @@ class MEND(Editor):
     alpha = jnp.full((len(self.model.layers),), self.cfg.edit_lr, jnp.float32)
     st = {g.key: {"u": stats_lib.init(g.d_in), "delta": stats_lib.init(g.d_out)} for g in self.groups}
     params = {"net": nets, "alpha": alpha}
-    if self.cfg.aggregation == "least_squares":
+    if self.cfg.aggregation in ("least_squares", "malmen"):
       params["log_lambda"] = jnp.asarray([self.cfg.log_lambda + math.log(layer.d_in) for layer in self.model.layers],
                                          jnp.float32)
     return EditorState(params, st)
@@ -94,12 +95,13 @@ class MEND(Editor):
     task = self.model.task
     cap = capture_lib.capture(self.model, params, batch,
                               loss_fn=lambda logits, b: losses.nll_per_edit_sum(task, logits, b))
-    local = self.model.head_local_paths
-    if "read_pos" not in batch or not local:
-      return cap
     # The last block's MLP feeds the head position by position: its delta is exactly zero off
     # the read positions, so only those rows (B x P instead of B x T) go through the editor.
+    # With rows="answer" every layer keeps only those rows (its other rows are dropped).
     # Padding slots of read_pos (read_mask 0) repeat position 0 and are zeroed.
+    local = self.model.head_local_paths if self.cfg.rows == "all" else tuple(self.model.layer_paths)
+    if "read_pos" not in batch or not local:
+      return cap
     pos = batch["read_pos"].astype(jnp.int32)[:, :, None]
     keep = (batch["read_mask"] != 0)[:, :, None]
     rows = lambda x: jnp.where(keep, jnp.take_along_axis(x, pos, axis=1), 0)
@@ -164,17 +166,28 @@ class MEND(Editor):
     u_t, d_t = jax.lax.map(jax.checkpoint(lambda xs: apply(*xs)), tuple(chunks))
     return u_t.reshape((-1,) + u_t.shape[2:])[:n], d_t.reshape((-1,) + d_t.shape[2:])[:n]
 
+  @staticmethod
+  def _keys(cap: capture_lib.Capture, masks: Mapping[str, jax.Array], path: str) -> jax.Array:
+    """The layer's real inputs u as rows [N, d_in] (float32), masked rows zero (MALMEN's keys)."""
+    u = cap.u[path]
+    return u.reshape(-1, u.shape[-1]).astype(jnp.float32) * masks[path].reshape(-1, 1)
+
   def apply_updates(self, editor_params: dict, stats: dict, model_params, cap: capture_lib.Capture,
                     diagnostics: bool = False):
     """New model params from a capture, and info (see `edit`)."""
     factors = self.pseudo_factors(editor_params["net"], stats, cap)
     kernels = tree.get_leaves(model_params, self.model.layer_paths)
     sign = -1.0 if self.cfg.descent else 1.0
+    masks = self.masks(cap)
     new, upd_norm = {}, []
     for i, layer in enumerate(self.model.layers):
       u_t, d_t = factors[layer.path]
       if self.cfg.aggregation == "least_squares":
         g = capture_lib.least_squares(u_t, d_t, editor_params["log_lambda"][i], layer.layout)
+      elif self.cfg.aggregation == "malmen":
+        keys = self._keys(cap, masks, layer.path)
+        g = capture_lib.least_squares(keys, capture_lib.malmen_values(keys, u_t, d_t), editor_params["log_lambda"][i],
+                                      layer.layout, scaled=False)
       else:
         g = capture_lib.rank1_sum(u_t, d_t, layer.layout)
       step = editor_params["alpha"][i] * g
@@ -182,7 +195,6 @@ class MEND(Editor):
       w = kernels[layer.path]
       new[layer.path] = (w.astype(jnp.float32) + sign * step).astype(w.dtype)
       upd_norm.append(jnp.linalg.norm(step))
-    masks = self.masks(cap)
     info = {
         "loss_before": cap.loss,
         "update_norm": jnp.stack(upd_norm),
@@ -203,16 +215,23 @@ class MEND(Editor):
     """The edit as low-rank factors instead of new weights: ({path: (left, right)}, info) with
     left [rows, r] and right [r, cols] in the kernel's orientation, so that the edited kernel is
     W + left @ right (the same change `edit` makes, in float32; r = the layer's token rows). Sum:
-    left/right are u~ and -alpha delta~ (or transposed); least squares: K^T and the dual solve.
+    left/right are u~ and -alpha delta~ (or transposed); least squares: K^T and the dual solve;
+    malmen: the real keys and the dual solve of their values.
     Pure and jittable; the batch is not checked here (`mend_jax.edit_log.EditLog` checks it)."""
     cap = self.capture(params, batch)
     factors = self.pseudo_factors(state.params["net"], state.aux, cap)
     sign = -1.0 if self.cfg.descent else 1.0
+    masks = self.masks(cap)
     out = {}
     for i, layer in enumerate(self.model.layers):
       u_t, d_t = (x.reshape(-1, x.shape[-1]).astype(jnp.float32) for x in factors[layer.path])
       if self.cfg.aggregation == "least_squares":
         d_t = capture_lib.least_squares_dual(u_t, d_t, state.params["log_lambda"][i])
+      elif self.cfg.aggregation == "malmen":  # K^T (K K^T + lambda I)^-1 V: left factor the real keys
+        keys = self._keys(cap, masks, layer.path)
+        d_t = capture_lib.least_squares_dual(keys, capture_lib.malmen_values(keys, u_t, d_t),
+                                             state.params["log_lambda"][i], scaled=False)
+        u_t = keys
       d_t = sign * state.params["alpha"][i] * d_t
       out[layer.path] = (u_t.T, d_t) if layer.layout == "in_out" else (d_t.T, u_t)
     return out, {"loss_before": cap.loss}

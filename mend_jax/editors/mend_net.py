@@ -25,7 +25,8 @@ def relu_grad1(x: jax.Array) -> jax.Array:
   return jnp.where(x >= 0, x, jnp.zeros_like(x))
 
 
-AGGREGATIONS = ("sum", "least_squares")
+AGGREGATIONS = ("sum", "least_squares", "malmen")
+ROWS = ("all", "answer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,16 @@ class MENDConfig:
     u~_t^T) or "least_squares" (the matrix whose outputs on the keys u~ best match delta~, ridge
     lambda_l learned per layer: lambda (K^T K + lambda I)^-1 K^T D, K = u~ rows, D = delta~ rows;
     `capture.least_squares`). The factor lambda keeps its scale: lambda -> infinity gives the sum.
-  log_lambda: initial log(lambda_l / d_in_l) of every layer (least_squares): lambda starts at the
+    "malmen" (MALMEN, Tan et al. 2024): the ridge fit on the layer's real inputs instead of u~,
+    (K^T K + lambda I)^-1 K^T V with K = the masked u rows and V_t = (u_t . u~_t) delta~_t, each
+    row's own change of the output at its input (`capture.malmen_values`): with fewer rows than
+    d_in and a small lambda, every edit's input gets exactly the output change its own row asks
+    for, whatever the other edits.
+  rows: which token rows of each layer go through the network: "all" (the paper: every token
+    with a non-zero u and delta) or "answer" (as MALMEN: only the positions whose outputs the
+    edit loss reads, batch["read_pos"], in every edited layer; batches without read positions
+    use all rows).
+  log_lambda: initial log(lambda_l / d_in_l) of every layer (least_squares, malmen): lambda starts at the
     layer's input width times exp(log_lambda), the squared norm of a normalised key, so that one
     key's update starts at half the sum's whatever the width (a fixed lambda = 1 starts a 128-wide
     layer's updates at about 1/128 of the sum's, and training at the lambda step lr_lr is slow to
@@ -69,6 +79,7 @@ class MENDConfig:
   edit_lr: float = 1e-4
   descent: bool = True
   aggregation: str = "sum"
+  rows: str = "all"
   log_lambda: float = 0.0
   chunk: int = 0
 
@@ -85,6 +96,8 @@ class MENDConfig:
       raise ValueError("MENDConfig.combine cannot be used with x_only, delta_only or one_sided")
     if self.aggregation not in AGGREGATIONS:
       raise ValueError(f"MENDConfig.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+    if self.rows not in ROWS:
+      raise ValueError(f"MENDConfig.rows must be one of {ROWS}, got {self.rows!r}")
     if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 0:
       raise ValueError(f"MENDConfig.chunk must be an integer >= 0 (0: no chunking), got {self.chunk!r}")
 

@@ -185,6 +185,71 @@ def test_least_squares_solve_matches_float64(n):
     np.testing.assert_allclose(np.asarray(u @ fit)[[0, 2, 3, 4]], d[[0, 2, 3, 4]], atol=1e-2)
 
 
+@pytest.mark.parametrize("n", [5, 40])
+def test_malmen_update_matches_float64_and_fits_each_key(n):
+  """MALMEN: the ridge fit on the real keys K of V_t = (k_t . u~_t) delta~_t, against float64 numpy."""
+  rng = np.random.default_rng(10 + n)
+  k, u_t = rng.normal(size=(n, 16)).astype(np.float32), rng.normal(size=(n, 16)).astype(np.float32)
+  d_t = rng.normal(size=(n, 12)).astype(np.float32)
+  k[1], u_t[1], d_t[1] = 0.0, 0.0, 0.0  # a masked row takes no part
+  v64 = np.sum(k.astype(np.float64) * u_t, -1, keepdims=True) * d_t
+  values = capture.malmen_values(jnp.asarray(k), jnp.asarray(u_t), jnp.asarray(d_t))
+  np.testing.assert_allclose(np.asarray(values), v64, rtol=1e-5, atol=1e-5)
+  for log_lam in (-1.0, 0.5, 3.0):
+    want = _ls_reference(k, v64, log_lam) / np.exp(log_lam)  # (K^T K + lambda I)^-1 K^T V
+    got = capture.least_squares(jnp.asarray(k), values, jnp.float32(log_lam), "out_in", scaled=False)
+    np.testing.assert_allclose(np.asarray(got), want.T, rtol=2e-4, atol=2e-5 * np.abs(want).max())
+  if n < 16:  # fewer keys than inputs: the update changes each key's output by its own row's value
+    fit = capture.least_squares(jnp.asarray(k), values, jnp.float32(-12.0), "in_out", scaled=False)
+    np.testing.assert_allclose(k @ np.asarray(fit), v64, atol=1e-3 * np.abs(v64).max())
+  # lambda -> infinity, times lambda: the sum over rows of k_t V_t^T.
+  big = capture.least_squares(jnp.asarray(k), values, jnp.float32(20.0), "in_out", scaled=False) * np.exp(20.0)
+  np.testing.assert_allclose(np.asarray(big), k.astype(np.float64).T @ v64, rtol=1e-3, atol=1e-3 * np.abs(v64).max())
+
+
+def test_malmen_editor_edit_is_the_fit_of_its_own_factors():
+  """The editor with aggregation="malmen": its weight change equals -alpha times the float64 ridge
+  fit computed here from the captured inputs and the editor's pseudo factors."""
+  model = tiny_model("gpt2")
+  batch = make_batch(model, seed=5, batch=3)
+  ed = MEND(model, MENDConfig(rank=8, aggregation="malmen", log_lambda=-1.0, edit_lr=100.0))  # a step far above float32 rounding of W
+  state = _randomize_net(ed.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(4))
+  np.testing.assert_allclose(np.exp(state.params["log_lambda"]), [np.exp(-1.0) * l.d_in for l in model.layers],
+                             rtol=1e-5)
+  new, _ = ed.jit_edit(state, model.params, batch)
+  cap = ed.capture(model.params, batch)
+  factors = ed.pseudo_factors(state.params["net"], state.aux, cap)
+  masks = ed.masks(cap)
+  for i, layer in enumerate(model.layers):
+    k = np.asarray(cap.u[layer.path], np.float64).reshape(-1, layer.d_in) * np.asarray(masks[layer.path]).reshape(-1, 1)
+    u_t, d_t = (np.asarray(x, np.float64) for x in factors[layer.path])
+    v = np.sum(k * u_t, -1, keepdims=True) * d_t
+    lam = float(np.exp(state.params["log_lambda"][i]))
+    s = np.linalg.solve(k.T @ k + lam * np.eye(layer.d_in), k.T @ v)  # [d_in, d_out]
+    want = -float(state.params["alpha"][i]) * (s if layer.layout == "in_out" else s.T)
+    got = np.asarray(_flat(new)[layer.path], np.float64) - np.asarray(_flat(model.params)[layer.path], np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    assert np.abs(want).max() > 0
+
+
+def test_answer_rows_keep_only_the_read_positions_of_every_layer():
+  model = tiny_model("gpt2")
+  full_b, read_b = with_read(model, make_batch(model, seed=9, batch=2, length=8, n_labels=3))
+  ed = MEND(model, MENDConfig(rank=4, rows="answer"))
+  cap_all = MEND(model, MENDConfig(rank=4)).capture(model.params, read_b)
+  cap = ed.capture(model.params, read_b)
+  pos = np.asarray(read_b["read_pos"])
+  lower = [p for p in model.layer_paths if p not in model.head_local_paths]
+  assert lower
+  for p in lower:  # every row the answer selection keeps is the full capture's row at that position
+    assert cap.u[p].shape[1] == pos.shape[1] < cap_all.u[p].shape[1]
+    np.testing.assert_array_equal(np.asarray(cap.u[p]), np.take_along_axis(np.asarray(cap_all.u[p]), pos[..., None], 1))
+    np.testing.assert_array_equal(np.asarray(cap.delta[p]),
+                                  np.take_along_axis(np.asarray(cap_all.delta[p]), pos[..., None], 1))
+  with pytest.raises(ValueError, match="rows must be one of"):
+    MENDConfig(rows="first")
+
+
 def test_least_squares_editor_trains_its_lambda_and_differs_from_the_sum():
   model = tiny_model("gpt2")
   batch = make_batch(model, seed=2, batch=3)
@@ -209,7 +274,7 @@ def test_least_squares_editor_trains_its_lambda_and_differs_from_the_sum():
   assert np.all(np.isfinite(g)) and float(jnp.abs(g).max()) > 0
 
 
-@pytest.mark.parametrize("aggregation", ["sum", "least_squares"])
+@pytest.mark.parametrize("aggregation", ["sum", "least_squares", "malmen"])
 def test_chunked_editor_network_gives_the_same_edit_and_gradient(aggregation):
   model = tiny_model("gpt2")
   batch = make_batch(model, seed=3, batch=4)  # 4 x 8 rows per layer: chunks of 5 leave a padded last chunk
