@@ -1,7 +1,8 @@
 """Many edits at once: MEND editors trained for k edits per step, with the summed update of the
-paper against the least-squares solve (`MENDConfig.aggregation`), each evaluated at every k.
+paper against the least-squares solve and MALMEN's fit (`MENDConfig.aggregation`), each evaluated
+at every k.
 
-  python scripts/batched.py [--config synthetic:batched] [--ks 1,25,125,512] [--aggs sum,least_squares]
+  python scripts/batched.py [--config synthetic:batched] [--ks 1,25,125,512] [--aggs sum,least_squares,malmen]
                             [--workdir runs/batched] [--out docs/batched_synthetic.md] [--no-train]
                             [--train-ks 1,25] [--steps 25:1500,125:500] [--streams 25,125 --stream-n 960]
                             [-- --config.seed=1 ...]
@@ -27,6 +28,7 @@ import sys
 import time
 
 from mend_jax import report
+from mend_jax.editors.mend_net import AGGREGATIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Training per k (edits per micro-step): micro-steps, and locality rows per micro-step. k = 1 keeps the
@@ -138,7 +140,7 @@ def stream_summary(res_by_label: dict) -> str:
 def plot(results: dict, path: str) -> str:
   plt = report.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-  for agg, style in (("sum", "o-"), ("least_squares", "s-")):
+  for agg, style in zip(AGGREGATIONS, ("o-", "s-", "^-")):
     rs = sorted((k, r["eval"][str(k)]) for k, r in results.get(agg, {}).items() if str(k) in r["eval"])
     if not rs:
       continue
@@ -178,8 +180,8 @@ def main():
   ks = k_list("--ks", args.ks)
   aggs = args.aggs.split(",")
   for agg in aggs:
-    if agg not in ("sum", "least_squares"):
-      p.error(f"--aggs: each must be sum or least_squares, got {agg!r}")
+    if agg not in AGGREGATIONS:
+      p.error(f"--aggs: each must be one of {', '.join(AGGREGATIONS)}, got {agg!r}")
   steps = dict(STEPS)
   for item in filter(None, args.steps.split(",")):
     k, _, n = item.partition(":")
