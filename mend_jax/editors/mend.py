@@ -89,9 +89,10 @@ class MEND(Editor):
 
   # ---------------------------------------------------------------- pieces
   def capture(self, params, batch) -> capture_lib.Capture:
-    """u [B,T,d_in] and delta [B,T,d_out] of the editable layers for the edit loss: the sum over the batch's edits of
+    """u [B,T',d_in] and delta [B,T',d_out] of the editable layers for the edit loss: the sum over the batch's edits of
     each edit's token-mean NLL, so one edit's delta has the same scale whatever k edits share the
-    batch (`losses.nll_per_edit_sum`; the official code's batch token mean scales it by 1/k)."""
+    batch (`losses.nll_per_edit_sum`; the official code's batch token mean scales it by 1/k).
+    T' = T, or the read positions P in layers that keep only those, or T-1 in a causal LM (below)."""
     task = self.model.task
     cap = capture_lib.capture(self.model, params, batch,
                               loss_fn=lambda logits, b: losses.nll_per_edit_sum(task, logits, b))
@@ -100,13 +101,18 @@ class MEND(Editor):
     # With rows="answer" every layer keeps only those rows (its other rows are dropped).
     # Padding slots of read_pos (read_mask 0) repeat position 0 and are zeroed.
     local = self.model.head_local_paths if self.cfg.rows == "all" else tuple(self.model.layer_paths)
-    if "read_pos" not in batch or not local:
-      return cap
-    pos = batch["read_pos"].astype(jnp.int32)[:, :, None]
-    keep = (batch["read_mask"] != 0)[:, :, None]
-    rows = lambda x: jnp.where(keep, jnp.take_along_axis(x, pos, axis=1), 0)
-    u = {p: rows(x) if p in local else x for p, x in cap.u.items()}
-    delta = {p: rows(x) if p in local else x for p, x in cap.delta.items()}
+    if "read_pos" not in batch:
+      local = ()
+    rows = lambda x: x
+    if local:
+      pos = batch["read_pos"].astype(jnp.int32)[:, :, None]
+      keep = (batch["read_mask"] != 0)[:, :, None]
+      rows = lambda x: jnp.where(keep, jnp.take_along_axis(x, pos, axis=1), 0)
+    # A causal LM predicts nothing from its last position, so every layer's delta is exactly zero
+    # there: the other layers drop that row before the editor (B x (T-1) rows).
+    rest = (lambda x: x[:, :-1]) if task == "causal_lm" else (lambda x: x)
+    u = {p: rows(x) if p in local else rest(x) for p, x in cap.u.items()}
+    delta = {p: rows(x) if p in local else rest(x) for p, x in cap.delta.items()}
     return cap._replace(u=u, delta=delta)
 
   def masks(self, cap: capture_lib.Capture) -> dict[str, jax.Array]:

@@ -148,6 +148,12 @@ def test_head_local_layers_have_delta_only_at_read_positions(name):
     for i in range(d.shape[0]):
       off[i, pos[i][mask[i] == 1]] = False
     assert np.abs(d[~off]).max() > 0 and np.abs(d[off]).max() == 0, p
+  if model.task == "causal_lm":  # nothing is predicted from the last position: zero delta in every layer
+    for p in model.layer_paths:
+      assert np.abs(np.asarray(cap.delta[p])[:, -1]).max() == 0 and np.abs(np.asarray(cap.delta[p])[:, :-1]).max() > 0
+    t = full_b["input_ids"].shape[1]
+    assert all(x.shape[1] == t - 1 for p, x in MEND(model, MENDConfig(rank=4)).capture(model.params, full_b).u.items()
+               if p not in model.head_local_paths)
   ed = MEND(model, MENDConfig(rank=4))
   st = ed.init(jax.random.PRNGKey(0))
   st = st._replace(aux=jax.jit(lambda b: ed.update_stats(st.aux, ed.capture(model.params, b)))(full_b))
