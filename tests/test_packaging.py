@@ -74,3 +74,28 @@ def test_console_scripts_are_installed_and_run():
   assert r.returncode == 0 and "--algs" in r.stdout
   r = subprocess.run([os.path.join(bindir, "mend-train"), "--help"], capture_output=True, text=True)
   assert "--workdir" in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+GROUPED = '''
+import os, time
+import pytest
+pytestmark = pytest.mark.xdist_group("one")
+
+@pytest.mark.parametrize("i", range(4))
+def test_grouped(i):
+  time.sleep(0.3)
+  with open(os.path.join(os.path.dirname(__file__), f"worker_{i}.txt"), "w") as f:
+    f.write(os.environ["PYTEST_XDIST_WORKER"])
+'''
+
+
+def test_the_installed_pytest_keeps_an_xdist_group_on_one_worker(tmp_path):
+  """`make test` runs `pytest -n 2 --dist loadgroup`: the modules whose module fixture is a long
+  subprocess (tests/test_sharding.py, test_crash.py) or a model conversion (test_real_model.py)
+  are one group each, and must run on one worker, or each worker pays for the fixture again."""
+  (tmp_path / "test_grouped.py").write_text(GROUPED)
+  r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider",
+                      "test_grouped.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  workers = {(tmp_path / f"worker_{i}.txt").read_text() for i in range(4)}
+  assert len(workers) == 1, f"the group ran on workers {sorted(workers)}"
