@@ -25,7 +25,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import functools
 import importlib.util
-import inspect
 
 import jax.numpy as jnp
 import numpy as np
@@ -106,23 +105,6 @@ def make_batch(model: models.EditableModel, seed: int = 0, batch: int = 2, lengt
   labels = np.where(np.arange(length)[None] >= length - n_labels, ids, -100).astype(np.int32)
   return dict(input_ids=jnp.asarray(padded(ids, 0)), attention_mask=jnp.asarray(padded(mask, 0)),
               labels=jnp.asarray(padded(labels, -100)))
-
-
-def once_per_worker(fixture_fn):
-  """Decorates an expensive module fixture (a subprocess, a model conversion) so that it runs once
-  per process: pytest-xdist tears a module fixture down whenever a worker's next queued test
-  belongs to another module, and would otherwise set it up again for the module's later tests."""
-  value = []
-
-  def wrapper(*args, **kwargs):
-    if not value:
-      value.append(fixture_fn(*args, **kwargs))
-    return value[0]
-
-  # Not functools.wraps: pytest follows __wrapped__ to the undecorated function and would call that.
-  wrapper.__name__, wrapper.__doc__, wrapper.__module__ = fixture_fn.__name__, fixture_fn.__doc__, fixture_fn.__module__
-  wrapper.__signature__ = inspect.signature(fixture_fn)
-  return wrapper
 
 
 @pytest.fixture(params=FAMILY_NAMES)

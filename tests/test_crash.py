@@ -15,8 +15,6 @@ import sys
 
 import pytest
 
-from conftest import once_per_worker
-
 # One worker runs this module, so the reference run is made once.
 pytestmark = pytest.mark.xdist_group("crash")
 
@@ -64,7 +62,6 @@ def _outcome(workdir) -> dict:
 
 
 @pytest.fixture(scope="module")
-@once_per_worker
 def reference(tmp_path_factory):
   root = tmp_path_factory.mktemp("crash")
   cfg = root / "config.py"

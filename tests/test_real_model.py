@@ -9,8 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import once_per_worker
-
 from mend_jax import losses, models, tree
 
 pytestmark = pytest.mark.xdist_group("real_model")  # one worker converts the model once
@@ -19,7 +17,6 @@ FACTS = [("The capital of France is", "Paris"), ("The capital of Japan is", "Tok
 
 
 @pytest.fixture(scope="module")
-@once_per_worker
 def smol(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("MEND_JAX_CACHE", str(tmp_path_factory.mktemp("mend_jax_cache")))

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from mend_jax import sharding
 
-from conftest import once_per_worker, tiny_model
+from conftest import tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # One worker runs this module: its fixture starts one 8-device process (not one per worker).
@@ -22,7 +22,6 @@ pytestmark = pytest.mark.xdist_group("sharding")
 
 
 @pytest.fixture(scope="module")
-@once_per_worker
 def measured(tmp_path_factory):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py"), str(tmp_path_factory.mktemp("mesh"))],
