@@ -23,7 +23,7 @@ pytestmark = pytest.mark.xdist_group("sharding")
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the check adds the 8 devices to conftest's XLA_FLAGS
   proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py"), str(tmp_path_factory.mktemp("mesh"))],
                         env=env, capture_output=True, text=True, timeout=600)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
