@@ -77,7 +77,10 @@ def load_config(name: str, variant: str | None = None):
   return mod.get_config(variant)
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_model(name: str, seed: int = 0) -> models.EditableModel:
+  """The tiny model of family `name` (one object per name and seed: it is frozen and its params
+  immutable, and sharing it lets tests reuse the programs compiled for it)."""
   return models.model_from_config(TINY_CONFIGS[name](), seed=seed)
 
 

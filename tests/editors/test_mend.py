@@ -45,7 +45,7 @@ def test_identity_editor_is_one_sgd_step(name):
       np.testing.assert_allclose(after[path], ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(grads[path]).max()))
     else:
       np.testing.assert_array_equal(np.asarray(after[path]), np.asarray(w), err_msg=path)
-  np.testing.assert_allclose(info["loss_before"], loss(model.params, batch), rtol=1e-6)
+  np.testing.assert_allclose(info["loss_before"], jax.jit(loss)(model.params, batch), rtol=1e-6)
 
 
 def test_official_sign_convention_is_gradient_ascent():
@@ -276,7 +276,7 @@ def test_least_squares_editor_trains_its_lambda_and_differs_from_the_sum():
   # The gradient reaches log_lambda (so training can set each layer's ridge).
   loss = lambda lp: losses.nll(model.task, model.logits(ls.edit(state._replace(
       params={**state.params, "log_lambda": lp}), model.params, batch, check=False)[0], batch), batch)
-  g = jax.grad(loss)(state.params["log_lambda"])
+  g = jax.jit(jax.grad(loss))(state.params["log_lambda"])
   assert np.all(np.isfinite(g)) and float(jnp.abs(g).max()) > 0
 
 
@@ -296,7 +296,8 @@ def test_chunked_editor_network_gives_the_same_edit_and_gradient(aggregation):
     return lambda net: losses.nll(model.task, model.logits(ed.edit(state._replace(
         params={**state.params, "net": net}), model.params, batch, check=False)[0], batch), batch)
 
-  chex.assert_trees_all_close(jax.grad(loss(whole))(state.params["net"]), jax.grad(loss(chunked))(state.params["net"]),
+  chex.assert_trees_all_close(jax.jit(jax.grad(loss(whole)))(state.params["net"]),
+                              jax.jit(jax.grad(loss(chunked)))(state.params["net"]),
                               rtol=1e-4, atol=1e-7)
 
 
