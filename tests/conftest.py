@@ -85,6 +85,13 @@ def tiny_model(name: str, seed: int = 0) -> models.EditableModel:
   return models.model_from_config(TINY_CONFIGS[name](), seed=seed)
 
 
+@functools.lru_cache(maxsize=None)
+def jit_logits(model: models.EditableModel):
+  """`model.logits` compiled once per input shape: tests that call a forward pass outside a jitted
+  function would otherwise dispatch its hundreds of operations one by one."""
+  return jax.jit(model.logits)
+
+
 def make_batch(model: models.EditableModel, seed: int = 0, batch: int = 2, length: int = 8,
                n_labels: int = 3, pad: int = 0) -> dict:
   """A random edit batch: the last n_labels real tokens are scored; `pad` extra right-padding
@@ -162,6 +169,6 @@ def wrong_batch(model, seed=5):
   """An edit batch the model gets wrong (binary: labels flipped from its prediction)."""
   batch = make_batch(model, seed=seed)
   if model.task == "binary":
-    pred = (model.logits(model.params, batch) > 0).astype(jnp.int32)
+    pred = (jit_logits(model)(model.params, batch) > 0).astype(jnp.int32)
     batch = {**batch, "labels": 1 - pred}
   return batch

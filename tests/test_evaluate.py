@@ -9,6 +9,8 @@ from mend_jax import evaluate as eval_lib
 from mend_jax import losses, report
 from mend_jax.editors import MEND, MENDConfig
 
+from conftest import jit_logits
+
 
 @pytest.fixture(scope="module")
 def strong(synth_setup):
@@ -24,7 +26,7 @@ EDIT_LR = 30.0
 
 def _success(m, params, view, idx):
   b = {k: jnp.asarray(v) for k, v in view.take(np.asarray(idx)).items()}
-  return np.asarray(losses.exact_match(m.task, m.logits(params, b), b))
+  return np.asarray(losses.exact_match(m.task, jit_logits(m)(params, b), b))
 
 
 def test_sequential_matches_a_loop_of_single_edits(synth_setup, strong):
@@ -59,7 +61,7 @@ def _nll64(m, params, view, rows) -> tuple[float, int]:
   total, n = 0.0, 0
   for i in rows:
     row = {key: v for key, v in view.take([i]).items() if not key.startswith("read_")}
-    logits = np.asarray(m.logits(params, {key: jnp.asarray(v) for key, v in row.items()}), np.float64)[0]
+    logits = np.asarray(jit_logits(m)(params, {key: jnp.asarray(v) for key, v in row.items()}), np.float64)[0]
     for t in np.nonzero(row["labels"][0] != -100)[0]:
       z = logits[t - 1]
       total -= z[row["labels"][0][t]] - (z.max() + np.log(np.exp(z - z.max()).sum()))
@@ -72,7 +74,7 @@ def _unchanged(m, before, after, view, rows) -> list[float]:
   out = []
   for i in rows:
     row = {key: jnp.asarray(v) for key, v in view.take([i]).items() if not key.startswith("read_")}
-    a, b = (np.asarray(m.logits(p, row))[0].argmax(-1) for p in (before, after))
+    a, b = (np.asarray(jit_logits(m)(p, row))[0].argmax(-1) for p in (before, after))
     pos = np.nonzero(np.asarray(row["labels"][0]) != -100)[0] - 1
     out.append(float(np.mean(a[pos] == b[pos])))
   return out

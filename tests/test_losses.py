@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_batch, tiny_model, with_read
+from conftest import jit_logits, make_batch, tiny_model, with_read
 from mend_jax import losses
 
 
@@ -77,8 +77,8 @@ def test_outer_loss_metrics_do_not_depend_on_the_kl_positions():
   for mode in ("answer", "all"):
     _, m = losses.post_edit_loss(model, edited, model.params, batch, losses.Objective(kl_positions=mode))
     out[mode] = jax.device_get(m)
-  base = model.logits(model.params, loc)
-  new = model.logits(edited, loc)
+  base = jit_logits(model)(model.params, loc)
+  new = jit_logits(model)(edited, loc)
   ref = float(np.mean(np.asarray(losses.exact_match("causal_lm", new, loc) == losses.exact_match("causal_lm", base, loc))))
   assert out["all"]["loc_agree"] == out["answer"]["loc_agree"] == ref
   assert out["all"]["loss_loc"] != out["answer"]["loss_loc"]  # the KLs themselves read other positions

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_batch, tiny_model
+from conftest import jit_logits, make_batch, tiny_model
 from mend_jax import models, tree
 
 
@@ -95,7 +95,7 @@ def test_greedy_answer_equals_an_unpadded_argmax_loop():
   ids = tok.encode(prompt)
   want = []
   for _ in range(4):
-    logits = model.logits(model.params, {"input_ids": jnp.asarray([ids]), "attention_mask": jnp.ones((1, len(ids)), jnp.int32)})
+    logits = jit_logits(model)(model.params, {"input_ids": jnp.asarray([ids]), "attention_mask": jnp.ones((1, len(ids)), jnp.int32)})
     nxt = int(jnp.argmax(logits[0, -1]))
     if nxt == 0:
       break

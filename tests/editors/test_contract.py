@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import EDITOR_CFGS, editor_setup, make_batch, wrong_batch
+from conftest import EDITOR_CFGS, editor_setup, jit_logits, make_batch, wrong_batch
 from mend_jax import editors, losses, tree
 from mend_jax.editors import Editor, EditorState
 
@@ -58,7 +58,7 @@ def test_editor_contract(name):
   # token mean, the others' the sum of each edit's token mean), and the Frobenius norm of each
   # matrix's change (computed here).
   assert info["loss_before"].shape == () and info["update_norm"].shape == (len(model.layers),)
-  logits = model.logits(start, batch)
+  logits = jit_logits(model)(start, batch)
   want = losses.nll(model.task, logits, batch) if name in ("ft", "ft_kl") else losses.nll_per_edit_sum(
       model.task, logits, batch)
   np.testing.assert_allclose(info["loss_before"], want, rtol=1e-5)
@@ -143,6 +143,6 @@ def test_bfloat16_models_keep_bfloat16_kernels_and_match_float32():
         d32 = np.asarray(tree.flatten(new32)[p], np.float64) - np.asarray(tree.flatten(f32.params)[p], np.float64)
         d16 = np.asarray(tree.flatten(new)[p], np.float64) - np.asarray(tree.flatten(start)[p], np.float64)
         assert np.linalg.norm(d16 - d32) < 0.05 * np.linalg.norm(d32), p
-      l32 = float(losses.nll(f32.task, f32.logits(new32, batch), batch))
-      l16 = float(losses.nll(bf.task, bf.logits(new, batch), batch))
+      l32 = float(losses.nll(f32.task, jit_logits(f32)(new32, batch), batch))
+      l16 = float(losses.nll(bf.task, jit_logits(bf)(new, batch), batch))
       assert abs(l16 - l32) < 0.02 * l32, (l16, l32)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import editor_setup, make_batch, tiny_model, wrong_batch
+from conftest import editor_setup, jit_logits, make_batch, tiny_model, wrong_batch
 from mend_jax import losses, tree
 
 _flat = tree.flatten
@@ -42,8 +42,8 @@ def test_ft_loop_stops_when_the_edit_succeeds_and_matches_a_python_loop():
   n_ref, w_ref, done_ref = _brute_force_ft(alg, state, model.params, batch)
   assert done_ref and 1 < n_ref < alg.cfg.max_steps
   assert int(info["n_steps"]) == n_ref and float(info["success"]) == 1.0
-  assert float(jnp.min(losses.exact_match(model.task, model.logits(new, batch), batch))) == 1.0
-  np.testing.assert_allclose(info["loss_before"], losses.nll(model.task, model.logits(model.params, batch), batch),
+  assert float(jnp.min(losses.exact_match(model.task, jit_logits(model)(new, batch), batch))) == 1.0
+  np.testing.assert_allclose(info["loss_before"], losses.nll(model.task, jit_logits(model)(model.params, batch), batch),
                              rtol=1e-6)
   before, after = _flat(model.params), _flat(new)
   for path, w in before.items():
@@ -57,7 +57,7 @@ def test_ft_loop_stops_when_the_edit_succeeds_and_matches_a_python_loop():
   assert int(info["n_steps"]) == alg.cfg.max_steps and float(info["success"]) == 0.0
   # Already right: no step at all, params unchanged.
   right = {**batch, "labels": jnp.where(batch["labels"] != -100,
-                                        jnp.pad(jnp.argmax(model.logits(model.params, batch), -1)[:, :-1], ((0, 0), (1, 0))),
+                                        jnp.pad(jnp.argmax(jit_logits(model)(model.params, batch), -1)[:, :-1], ((0, 0), (1, 0))),
                                         -100)}
   same, info = alg.jit_edit(state, model.params, right)
   assert int(info["n_steps"]) == 0 and float(info["success"]) == 1.0
