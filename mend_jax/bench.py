@@ -2,6 +2,11 @@
 
   mend-bench [--algs mend,enn,ke,ft] [--threads 1,2] [--reps 5] [--out docs/bench.md]
   mend-bench --algs mend --layers 12 --width 768 --json out.json     (another size)
+  mend-bench --algs mend --threads 2 --official official.json        (beside the official code)
+
+With --official, the JSON that ../shared/anchors/official_mend_bench.py --json wrote just before on
+the same machine, each row shows the official median of the same editor, program, thread count
+and model size in parentheses, and the second table a third of it (the 3x target).
 
 Workload (the one the official PyTorch code was measured on): GPT-2 with 6 layers, width 768,
 vocabulary 50257, random weights; the MLP matrices of the last 3 blocks are edited; 10 edit + 10
@@ -38,14 +43,8 @@ from mend_jax import editors, losses, models, train, tree
 from mend_jax.data.batches import read_positions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Official PyTorch figures on the 2-core development machine (../shared/anchors/official_mend_bench.py,
-# docs/bench.md): median seconds, peak GB.
-OFFICIAL = {
-    "mend": {"train_step_s": {1: 9.72, 2: 5.58}, "edit_s": {1: 3.64, 2: 2.11}, "peak_gb": 2.9},
-    "enn": {"train_step_s": {2: 8.31}, "edit_s": {2: 1.25}},
-    "ke": {"train_step_s": {2: 3.73}, "edit_s": {2: 0.85}},
-    "ft": {"edit_s": {2: 41.6}},
-}
+# The editor names of ../shared/anchors/official_mend_bench.py (the official code calls KE "efk").
+OFFICIAL_ALGS = {"mend": "mend", "enn": "enn", "efk": "ke", "ft": "ft"}
 ALG_CFG = {"mend": {"rank": 1920}, "enn": {}, "ke": {}, "ft": {"lr": 1e-4}, "ft_kl": {"lr": 1e-4}}
 
 
@@ -180,20 +179,39 @@ def run_child(alg: str, threads: int, reps: int, n_layer: int = 6, width: int = 
       return json.load(f)
 
 
-def _official_value(r, key):
-  """The official figure for a result row, or None (they exist for the reference model only)."""
-  if (r["n_layer"], r["width"]) != (6, 768):
+def load_official(path: str) -> dict:
+  """The official code's figures from the JSON that ../shared/anchors/official_mend_bench.py writes
+  (--json), measured in the same run as this one: {(alg, "train_step_s" | "edit_s", threads,
+  "LxW"): median seconds}. Raises ValueError naming the file when it is not such a file."""
+  try:
+    with open(path) as f:
+      rows = json.load(f)["results"]
+    out = {}
+    for r in rows:
+      if r["alg"] in OFFICIAL_ALGS and r["mode"] in ("train", "edit"):
+        key = "train_step_s" if r["mode"] == "train" else "edit_s"
+        out[(OFFICIAL_ALGS[r["alg"]], key, int(r["threads"]), r["size"])] = float(r["median_s"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"--official {path!r}: expected the JSON that official_mend_bench.py --json writes "
+                     f"(a 'results' list of rows with alg, mode, threads, size, median_s): {e}") from None
+  return out
+
+
+def _official_value(r, key, official):
+  """The official median for a result row (same editor, program, threads and model size), or None."""
+  if not official:
     return None
-  return OFFICIAL.get(r["alg"], {}).get(key, {}).get(r["threads"])
+  return official.get((r["alg"], key, r["threads"], f"{r['n_layer']}x{r['width']}"))
 
 
-def _official(r, key):
-  v = _official_value(r, key)
-  return f" ({v})" if v is not None else ""
+def _official(r, key, official):
+  v = _official_value(r, key, official)
+  return f" ({v:.3f})" if v is not None else ""
 
 
-def table(results: list) -> str:
-  """Markdown table of run_child results: times, FT steps, floor, compile times, memory."""
+def table(results: list, official: dict | None = None) -> str:
+  """Markdown table of run_child results: times (with the official medians of `load_official`, in
+  parentheses, where a row matches), FT steps, floor, compile times, memory."""
   rows = [
       "| editor | threads | train step s (official) | edit s (official) | FT steps | floor s | edit / floor "
       "| compile s: step, edit | peak GB | editor params | edit s, A/B: jit_edit / jax.jit(edit) |",
@@ -201,18 +219,18 @@ def table(results: list) -> str:
   ]
   for r in results:
     n, alg = r["threads"], r["alg"]
-    step = f"{r['train_step_s']:.3f}{_official(r, 'train_step_s')}" if "train_step_s" in r else "-"
+    step = f"{r['train_step_s']:.3f}{_official(r, 'train_step_s', official)}" if "train_step_s" in r else "-"
     step_c = f"{r['train_step_compile_s']:.1f}" if "train_step_compile_s" in r else "-"
     ft = f"{r['ft_steps']}{'' if r['ft_success'] else ' (not all right)'}" if "ft_steps" in r else "-"
     ab = f"{r['edit_ab_s']:.3f} / {r['edit_copy_ab_s']:.3f}" if "edit_ab_s" in r else "-"
     rows.append(
-        f"| {alg} | {n} | {step} | {r['edit_s']:.3f}{_official(r, 'edit_s')} | {ft} | {r['floor_s']:.3f} "
+        f"| {alg} | {n} | {step} | {r['edit_s']:.3f}{_official(r, 'edit_s', official)} | {ft} | {r['floor_s']:.3f} "
         f"| {r['edit_s'] / r['floor_s']:.2f} | {step_c}, {r['edit_compile_s']:.1f} | {r['peak_gb']:.2f} "
         f"| {r['editor_params']:,} | {ab} |")
   return "\n".join(rows)
 
 
-def bound_table(results: list) -> str:
+def bound_table(results: list, official: dict | None = None) -> str:
   """Each program's arithmetic against the time it took: XLA's FLOP count, and the time it would
   take if every FLOP ran at the rate of one large matrix product on the same threads (a lower bound
   for this program on this machine), next to the measured time and the 3x target (official / 3)."""
@@ -223,7 +241,7 @@ def bound_table(results: list) -> str:
       if f"{key}_gflop" not in r:
         continue
       gf, rate = r[f"{key}_gflop"], r["matmul_gflops"]
-      off = _official_value(r, f"{key}_s")
+      off = _official_value(r, f"{key}_s", official)
       # FT: the official total is 49 passes at another lr, not comparable with one edit here.
       target = f"{off / 3:.2f}" if off is not None and not r["alg"].startswith("ft") else "-"
       note = " (one loop pass)" if "ft_steps" in r else ""
@@ -233,9 +251,10 @@ def bound_table(results: list) -> str:
 
 
 def heading(algs: str, threads: str, reps: int, n_layer: int, width: int, dtype: str = "float32",
-            cached: bool = False) -> str:
+            cached: bool = False, official: str | None = None) -> str:
   """The line that introduces a table in docs/: the command, the machine, the date."""
   size = "" if (n_layer, width) == (6, 768) else f" --layers {n_layer} --width {width}"
   size += ("" if dtype == "float32" else f" --dtype {dtype}") + (" --cached" if cached else "")
+  size += f" --official {official}" if official else ""
   return (f"`mend-bench --algs {algs} --threads {threads} --reps {reps}{size}` on "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.")

@@ -316,6 +316,9 @@ def bench_main(argv: list[str] | None = None) -> None:
   ap.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES), help="the base model's dtype")
   ap.add_argument("--cached", action="store_true",
                   help="batches carry cached frozen activations: only the edited blocks and the head run")
+  ap.add_argument("--official", default=None,
+                  help="the JSON of ../shared/anchors/official_mend_bench.py --json from the same run: its medians "
+                       "are shown beside the matching rows")
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: measure, write JSON here
   args = ap.parse_args((sys.argv if argv is None else argv)[1:])
   if args.child:
@@ -332,6 +335,10 @@ def bench_main(argv: list[str] | None = None) -> None:
     sys.exit(f"error: --threads {threads}: each must be between 1 and this machine's {os.cpu_count()} cores")
   if args.reps < 1 or args.layers < 1 or args.width < 64 or args.width % 64:
     sys.exit("error: --reps and --layers must be >= 1, --width a multiple of 64")
+  try:
+    official = bench.load_official(args.official) if args.official else None
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   results = []
   for alg in alg_list:
     for n in threads:
@@ -341,14 +348,15 @@ def bench_main(argv: list[str] | None = None) -> None:
                         "threads": n})
       except RuntimeError as e:
         sys.exit(f"error: {e}")
-  text = bench.table(results) + "\n\n" + bench.bound_table(results)
+  text = bench.table(results, official) + "\n\n" + bench.bound_table(results, official)
   print(text)
   if args.json:
     report.write_json(args.json, results)
   if args.out:
+    head = bench.heading(args.algs, args.threads, args.reps, args.layers, args.width, args.dtype, args.cached,
+                         args.official)
     with open(args.out, "a") as f:
-      f.write(f"\n{bench.heading(args.algs, args.threads, args.reps, args.layers, args.width, args.dtype, args.cached)}"
-              f"\n\n{text}\n")
+      f.write(f"\n{head}\n\n{text}\n")
 
 
 COMMANDS = {"train": train, "evaluate": evaluate, "edit": edit, "bench": bench_main}
