@@ -190,7 +190,7 @@ def load_official(path: str) -> dict:
     for r in rows:
       if r["alg"] in OFFICIAL_ALGS and r["mode"] in ("train", "edit"):
         key = "train_step_s" if r["mode"] == "train" else "edit_s"
-        out[(OFFICIAL_ALGS[r["alg"]], key, int(r["threads"]), r["size"])] = float(r["median_s"])
+        out[(OFFICIAL_ALGS[r["alg"]], key, int(r["threads"]), r["size"].lower())] = float(r["median_s"])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ValueError(f"--official {path!r}: expected the JSON that official_mend_bench.py --json writes "
                      f"(a 'results' list of rows with alg, mode, threads, size, median_s): {e}") from None

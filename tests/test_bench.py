@@ -22,7 +22,7 @@ def test_official_medians_sit_beside_the_matching_rows(tmp_path):
   path = tmp_path / "official.json"
   path.write_text(json.dumps({"args": {}, "results": [
       _row("mend", "train", 2, "6x768", 6.9), _row("mend", "edit", 2, "6x768", 2.25),
-      _row("efk", "edit", 2, "6x768", 0.85), _row("mend", "train", 2, "24x768", 11.0),
+      _row("efk", "edit", 2, "6x768", 0.85), _row("mend", "train", 2, "24X768", 11.0),
       _row("mend", "train", 1, "6x768", 9.7)]}))
   official = bench.load_official(str(path))
   assert official == {("mend", "train_step_s", 2, "6x768"): 6.9, ("mend", "edit_s", 2, "6x768"): 2.25,
@@ -46,4 +46,4 @@ def test_a_file_that_is_not_the_harness_json_is_a_clear_error(tmp_path, capsys):
   with pytest.raises(ValueError, match=r"--official '.*bad.json': expected the JSON that official_mend_bench.py"):
     bench.load_official(str(bad))
   with pytest.raises(SystemExit, match=r"^error: --official '.*missing.json': expected"):
-    cli.bench_main(["mend-bench", "--official", str(tmp_path / "missing.json")])
+    cli.bench_main(["mend-bench", "--threads", "1", "--official", str(tmp_path / "missing.json")])

@@ -20,10 +20,11 @@ from mend_jax import editors, experiment
 # with MEND. (GPT-Neo's and GPT-J's adapters are checked in tests/test_capture.py; the non-gated T5
 # of t5-large differs from t5-small's only in its MLP: tests/test_configs.py checks its tiny model.)
 TASKS = [("zsre", "t5-small"), ("fever", "bert-base"), ("wikitext", "gpt2")]
-# MEND on every task; the learned baselines on the seq2seq task, whose model differs most from the
-# causal LM their official code was written for; plain fine-tuning on the other two.
+# MEND on every task; the learned baselines on the seq2seq and the classification task (their
+# training losses differ most from the causal LM's); fine-tuning on one task each.
 RUNS = [(*task, "mend") for task in TASKS] + [
-    ("zsre", "t5-small", "enn"), ("zsre", "t5-small", "ke"), ("fever", "bert-base", "ft_kl"), ("wikitext", "gpt2", "ft")]
+    ("zsre", "t5-small", "enn"), ("zsre", "t5-small", "ke"), ("fever", "bert-base", "enn"), ("fever", "bert-base", "ke"),
+    ("fever", "bert-base", "ft_kl"), ("wikitext", "gpt2", "ft")]
 assert {alg for *_, alg in RUNS} == set(editors.NAMES)
 FAMILIES = [("zsre", "bart-base")]
 
