@@ -40,7 +40,7 @@ def test_official_medians_sit_beside_the_matching_rows(tmp_path):
   assert "(" not in bench.table(results).split("\n", 2)[2]
 
 
-def test_a_file_that_is_not_the_harness_json_is_a_clear_error(tmp_path, capsys):
+def test_a_file_that_is_not_the_harness_json_is_a_clear_error(tmp_path):
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps([{"alg": "mend"}]))
   with pytest.raises(ValueError, match=r"--official '.*bad.json': expected the JSON that official_mend_bench.py"):
