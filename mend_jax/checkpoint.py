@@ -395,6 +395,18 @@ class LoadedEditor:
     (`Editor.edit`). Returns (new_params, info)."""
     return editors.jit_edit(self.editor, from_base=True)(self.state, params, batch, check=check, **static)
 
+  def with_edit_steps(self, n: int) -> "LoadedEditor":
+    """The same trained MEND editor applying itself n times per edit (`MENDConfig.edit_steps`);
+    n = 0 keeps the number it was trained with."""
+    if n < 0:
+      raise ValueError(f"edit_steps must be >= 0 (0: as trained), got {n}")
+    if n == 0:
+      return self
+    if not hasattr(self.editor.cfg, "edit_steps"):
+      raise ValueError(f"edit_steps applies to MEND editors; this one is {self.editor.name!r}")
+    editor = editors.make(self.editor.name, self.editor.model, dataclasses.replace(self.editor.cfg, edit_steps=n))
+    return dataclasses.replace(self, editor=editor)
+
   def _tok(self):
     if self.tokenizer is None:
       raise ValueError("this editor has no tokenizer: pass one, load_editor(path, model, tokenizer=...)")

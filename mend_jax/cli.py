@@ -183,6 +183,7 @@ batched and sequential editing (results_k.json, results_k.md, k_sweep.png).
   mend-evaluate --workdir runs/demo [--split test] [--k 1] [--n 200]
   mend-evaluate --workdir runs/demo --ks 1,5,25,125
   mend-evaluate --workdir runs/demo --stream --k 10 --n 480         (lifelong editing)
+  mend-evaluate --workdir runs/ls_k125 --k 125 --edit_steps 3         (MEND applied 3 times per edit)
 """
 EDIT_USAGE = """Applies one edit with the editor saved in WORKDIR and prints greedy answers before and after.
 
@@ -236,8 +237,11 @@ def evaluate(argv: list[str] | None = None) -> None:
   stream = flags.DEFINE_bool("stream", False, "lifelong editing: the split's first --n edits as one stream, --k at a "
                              "time, retained success and locality along it (results_stream.json, stream.png)")
   every = flags.DEFINE_integer("every", 10, "with --stream: batches between measurements")
+  steps = flags.DEFINE_integer("edit_steps", 0, "MEND: apply the editor this many times per edit, each on the "
+                               "weights the step before left (0: as it was trained)")
   argv = sys.argv if argv is None else argv
-  _show_in_help(argv[0], EVALUATE_USAGE, ["workdir", "split", "k", "n", "ks", "sequential", "stream", "every"])
+  _show_in_help(argv[0], EVALUATE_USAGE, ["workdir", "split", "k", "n", "ks", "sequential", "stream", "every",
+                                          "edit_steps"])
 
   def main(_):
     _setup_logging()
@@ -249,11 +253,12 @@ def evaluate(argv: list[str] | None = None) -> None:
         raise ValueError(f"--n must be -1 (the whole split) or >= 1, got {n.value}")
       config = _stored_config(workdir.value)
       config.eval.n_test = n.value
+      config.eval.edit_steps = steps.value
       if stream.value:
         res = experiment.evaluate_stream_workdir(config, workdir.value, split=split.value, k=k.value,
                                                  every=every.value)
         print(report.stream_table(res))
-        print("wrote", os.path.join(workdir.value, "results_stream.json"))
+        print("wrote", os.path.join(workdir.value, f"results_stream{experiment.steps_suffix(config)}.json"))
         return
       if ks.value:
         try:
@@ -262,11 +267,12 @@ def evaluate(argv: list[str] | None = None) -> None:
           raise ValueError(f"--ks must be comma-separated integers, got {','.join(ks.value)!r}") from None
         res = experiment.evaluate_k_sweep(config, workdir.value, split=split.value, ks=k_list, sequential=seq.value)
         print(report.ks_table(res))
-        print("wrote", os.path.join(workdir.value, "results_k.json"))
+        print("wrote", os.path.join(workdir.value, f"results_k{experiment.steps_suffix(config)}.json"))
         return
       res = experiment.evaluate_workdir(config, workdir.value, split=split.value, k=k.value)
       # Its own file: results.json holds the training run's results and stays as it was.
-      name = f"eval_{split.value}_k{k.value}" + (f"_n{n.value}" if n.value > 0 else "") + ".json"
+      name = (f"eval_{split.value}_k{k.value}" + (f"_n{n.value}" if n.value > 0 else "")
+              + (f"_steps{steps.value}" if steps.value else "") + ".json")
       path = report.write_json(os.path.join(workdir.value, name), res)
       _print_results(res)
       print("wrote", path)

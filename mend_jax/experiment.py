@@ -343,6 +343,8 @@ def _loaded(workdir: str, task: Task, config=None) -> ckpt_lib.LoadedEditor:
   """The saved editor, on the mesh of the task's model (if any; split as config.mesh says)."""
   split = bool(config.mesh.shard_editor) if config is not None else False
   loaded = ckpt_lib.load_editor(workdir, task.model, mesh=sharding.mesh_of(task.model.params), shard_editor=split)
+  if config is not None:
+    loaded = loaded.with_edit_steps(int(config.eval.edit_steps))
   return loaded.with_loc_pool(loc_pool(task.train)) if loaded.editor.needs_loc_pool else loaded
 
 
@@ -358,14 +360,24 @@ def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str 
                           k=int(config.eval.k if k is None else k), text=task.text)
   res["alg"] = loaded.editor.name
   res["split"] = split
+  if hasattr(loaded.editor.cfg, "edit_steps"):
+    res["edit_steps"] = loaded.editor.cfg.edit_steps
   res["checkpoint_step"] = int(loaded.meta.get("step", -1))
   return res
+
+
+def steps_suffix(config) -> str:
+  """"_stepsN" when config.eval.edit_steps overrides the trained editor's steps, else "": the
+  results of an override go to their own files."""
+  n = int(config.eval.edit_steps)
+  return f"_steps{n}" if n else ""
 
 
 def evaluate_k_sweep(config, workdir: str, task: Task | None = None, split: str = "test",
                      ks=(1, 5, 25, 125), sequential: bool = True) -> dict:
   """Batched and sequential editing for each k (`evaluate.evaluate_ks`) with the saved editor.
-  Writes workdir/results_k.json, workdir/results_k.md (the table) and workdir/k_sweep.png."""
+  Writes workdir/results_k.json, workdir/results_k.md (the table) and workdir/k_sweep.png (with
+  config.eval.edit_steps set: results_k_stepsN.json and so on)."""
   task = task or prepare(config)
   loaded = _loaded(workdir, task, config)
   task = with_cached_activations(config, task, loaded.editor, workdir, (split,))
@@ -373,18 +385,20 @@ def evaluate_k_sweep(config, workdir: str, task: Task | None = None, split: str 
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
   res = eval_lib.evaluate_ks(loaded.editor, loaded.state, task.model.params, data, tuple(ks), n, sequential,
                              text=task.text)
-  report.write_json(os.path.join(workdir, "results_k.json"),
+  sfx = steps_suffix(config)
+  report.write_json(os.path.join(workdir, f"results_k{sfx}.json"),
                     {"split": split, "checkpoint_step": int(loaded.meta.get("step", -1)),
                      **{mode: {str(k): r for k, r in rs.items()} for mode, rs in res.items()}})
-  report.atomic_write_text(os.path.join(workdir, "results_k.md"), report.ks_table(res) + "\n")
-  report.plot_ks(res, os.path.join(workdir, "k_sweep.png"), title=f"{config.task}: {split} split")
+  report.atomic_write_text(os.path.join(workdir, f"results_k{sfx}.md"), report.ks_table(res) + "\n")
+  report.plot_ks(res, os.path.join(workdir, f"k_sweep{sfx}.png"), title=f"{config.task}: {split} split")
   return res
 
 
 def evaluate_stream_workdir(config, workdir: str, task: Task | None = None, split: str = "test", k: int = 1,
                             every: int = 10) -> dict:
   """Lifelong editing (`evaluate.evaluate_stream`) with the saved editor on a split's first
-  config.eval.n_test edits (all: -1). Writes workdir/results_stream.json and workdir/stream.png."""
+  config.eval.n_test edits (all: -1). Writes workdir/results_stream.json and workdir/stream.png
+  (with config.eval.edit_steps set: results_stream_stepsN.json, stream_stepsN.png)."""
   task = task or prepare(config)
   loaded = _loaded(workdir, task, config)
   task = with_cached_activations(config, task, loaded.editor, workdir, (split,))
@@ -392,8 +406,9 @@ def evaluate_stream_workdir(config, workdir: str, task: Task | None = None, spli
   res = eval_lib.evaluate_stream(loaded.editor, loaded.state, task.model.params, getattr(task, split), k=k,
                                  n_edits=n, every=every)
   res.update(split=split, checkpoint_step=int(loaded.meta.get("step", -1)))
-  report.write_json(os.path.join(workdir, "results_stream.json"), res)
-  report.plot_stream({f"k={k}": res}, os.path.join(workdir, "stream.png"), title=f"{config.task}: {split} split")
+  sfx = steps_suffix(config)
+  report.write_json(os.path.join(workdir, f"results_stream{sfx}.json"), res)
+  report.plot_stream({f"k={k}": res}, os.path.join(workdir, f"stream{sfx}.png"), title=f"{config.task}: {split} split")
   return res
 
 

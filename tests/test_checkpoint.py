@@ -71,6 +71,27 @@ np.savez({str(tmp_path / 'out.npz')!r}, **{{p.replace('/', '|'): np.asarray(flat
     np.testing.assert_array_equal(there[p.replace("/", "|")], np.asarray(flat[p]))
 
 
+def test_a_restored_editor_applies_itself_several_times_per_edit(synth_setup, tmp_path):
+  """with_edit_steps(2): the trained editor's edit applied to the weights its first edit left."""
+  ed, m, d = synth_setup["editor"], synth_setup["model"], synth_setup["data"]
+  train.fit(ed, TCFG, m.params, d, d, str(tmp_path))
+  loaded = ckpt_lib.load_editor(str(tmp_path), m)
+  batch = d.edit.take([0, 1])
+  once, _ = loaded.edit(m.params, batch)
+  by_hand, _ = loaded.edit(once, batch)
+  twice, _ = loaded.with_edit_steps(2).edit(m.params, batch)
+  w0, w1, w2, w = (tree.get_leaves(t, m.layer_paths) for t in (m.params, once, by_hand, twice))
+  for p in m.layer_paths:
+    assert not np.array_equal(np.asarray(w2[p]), np.asarray(w1[p]))
+    np.testing.assert_allclose(w[p], w2[p], rtol=1e-6, atol=1e-6 * float(np.abs(w2[p] - w0[p]).max()))
+  assert loaded.with_edit_steps(0) is loaded and loaded.editor.cfg.edit_steps == 1
+  with pytest.raises(ValueError, match="edit_steps must be >= 0"):
+    loaded.with_edit_steps(-1)
+  ft = ckpt_lib.LoadedEditor(editors.make("ft", m, {}), None, {})
+  with pytest.raises(ValueError, match="edit_steps applies to MEND editors; this one is 'ft'"):
+    ft.with_edit_steps(2)
+
+
 def test_checkpoint_for_other_layers_or_model_is_refused(synth_setup, tmp_path):
   ed, m, d = synth_setup["editor"], synth_setup["model"], synth_setup["data"]
   wd = tmp_path / "wd"

@@ -7,6 +7,8 @@ Per edited layer l, with u, delta from `capture` and mask = tokens where both ar
      aggregation="least_squares" the ridge solve over those rows (`capture.least_squares`), or
      with "malmen" the ridge fit on the real inputs u (`capture.malmen_values`);
   4. W~_l = W_l - alpha_l * grad~_l.
+With edit_steps = S > 1, steps 1-4 run S times, each on a new capture of the weights the step
+before left (`MENDConfig.edit_steps`).
 Only the editable leaves change; every other leaf of the returned tree is the input leaf.
 """
 
@@ -217,14 +219,43 @@ class MEND(Editor):
       info["grad_norm"], info["grad_cos"] = jnp.stack(gn), jnp.stack(cos)
     return tree.replace_leaves(model_params, new), info
 
+  def apply_steps(self, editor_params: dict, stats: dict, model_params, batch, cap: capture_lib.Capture,
+                  diagnostics: bool = False):
+    """`apply_updates` on `cap` (the capture of batch on model_params), then edit_steps - 1 more
+    steps, each on a fresh capture of batch on the weights the step before left. info as
+    `apply_updates` for the first step, except update_norm: the norm of the whole change."""
+    new, info = self.apply_updates(editor_params, stats, model_params, cap, diagnostics)
+    if self.cfg.edit_steps == 1:
+      return new, info
+    for _ in range(self.cfg.edit_steps - 1):
+      new, _ = self.apply_updates(editor_params, stats, new, self.capture(new, batch))
+    old, cur = (tree.get_leaves(t, self.model.layer_paths) for t in (model_params, new))
+    info["update_norm"] = jnp.stack([jnp.linalg.norm(cur[p].astype(jnp.float32) - old[p].astype(jnp.float32))
+                                     for p in self.model.layer_paths])
+    return new, info
+
   def patch(self, state: EditorState, params, batch: Mapping[str, jax.Array]):
     """The edit as low-rank factors instead of new weights: ({path: (left, right)}, info) with
     left [rows, r] and right [r, cols] in the kernel's orientation, so that the edited kernel is
-    W + left @ right (the same change `edit` makes, in float32; r = the layer's token rows). Sum:
-    left/right are u~ and -alpha delta~ (or transposed); least squares: K^T and the dual solve;
-    malmen: the real keys and the dual solve of their values.
+    W + left @ right (the same change `edit` makes, in float32; r = the layer's token rows, times
+    edit_steps). Sum: left/right are u~ and -alpha delta~ (or transposed); least squares: K^T and
+    the dual solve; malmen: the real keys and the dual solve of their values. With edit_steps > 1
+    each step's factors are found on the weights the steps before left, and concatenated.
     Pure and jittable; the batch is not checked here (`mend_jax.edit_log.EditLog` checks it)."""
     cap = self.capture(params, batch)
+    out = self._patch_step(state, cap)
+    current = params
+    for _ in range(self.cfg.edit_steps - 1):
+      kernels = tree.get_leaves(current, self.model.layer_paths)
+      current = tree.replace_leaves(current, {
+          p: (w.astype(jnp.float32) + out[p][0] @ out[p][1]).astype(w.dtype) for p, w in kernels.items()})
+      step = self._patch_step(state, self.capture(current, batch))
+      out = {p: (jnp.concatenate([out[p][0], step[p][0]], 1), jnp.concatenate([out[p][1], step[p][1]], 0))
+             for p in out}
+    return out, {"loss_before": cap.loss}
+
+  def _patch_step(self, state: EditorState, cap: capture_lib.Capture) -> dict:
+    """One step's {path: (left, right)} factors from a capture (`patch`)."""
     factors = self.pseudo_factors(state.params["net"], state.aux, cap)
     sign = -1.0 if self.cfg.descent else 1.0
     masks = self.masks(cap)
@@ -240,7 +271,7 @@ class MEND(Editor):
         u_t = keys
       d_t = sign * state.params["alpha"][i] * d_t
       out[layer.path] = (u_t.T, d_t) if layer.layout == "in_out" else (d_t.T, u_t)
-    return out, {"loss_before": cap.loss}
+    return out
 
   # ---------------------------------------------------------------- the edit
   def _edit(self, state: EditorState, params, batch: Mapping[str, jax.Array], diagnostics: bool = False):
@@ -258,14 +289,14 @@ class MEND(Editor):
       compose it with jax.jit / jax.vmap freely (`jit_edit` is the jitted form).
     """
     cap = self.capture(params, batch)
-    return self.apply_updates(state.params, state.aux, params, cap, diagnostics)
+    return self.apply_steps(state.params, state.aux, params, batch, cap, diagnostics)
 
   def edit_for_training(self, editor_params: dict, stats: dict, params, batch):
     """The training-time edit: statistics first absorb this edit batch (as in the official code),
     then the edit uses them. Returns (new_params, new_stats, info); differentiable wrt editor_params."""
     cap = self.capture(params, batch)
     new_stats = self.update_stats(stats, cap) if self.cfg.norm else stats
-    new_params, info = self.apply_updates(editor_params, new_stats, params, cap)
+    new_params, info = self.apply_steps(editor_params, new_stats, params, batch, cap)
     return new_params, new_stats, info
 
   # ---------------------------------------------------------------- training
@@ -287,7 +318,7 @@ class MEND(Editor):
       new_params, new_stats, info = self.edit_for_training(train_params, aux, base_params, batch["edit"])
     else:
       cap = self.capture(base_params, batch["edit"])
-      new_params, info = self.apply_updates(train_params, aux, base_params, cap)
+      new_params, info = self.apply_steps(train_params, aux, base_params, batch["edit"], cap)
       new_stats = aux
     loss, metrics = losses.post_edit_loss(self.model, new_params, base_params, batch, objective)
     metrics.update(loss_before=info["loss_before"], update_norm=jnp.mean(info["update_norm"]))

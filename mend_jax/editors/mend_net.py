@@ -64,6 +64,10 @@ class MENDConfig:
     recover). The learned parameter is log(lambda_l) itself.
   chunk: rows per call of the network (0: all rows in one call); larger batches of edits then
     hold one chunk's activations at a time (recomputed for the gradient).
+  edit_steps: how many times one edit applies the editor (1: the paper). Step s > 1 captures u
+    and delta again on the weights that step s - 1 left and applies the same networks, alpha and
+    statistics to them, so later steps act on what the edit loss still asks for; training
+    differentiates through all steps. Each step costs one more forward and backward pass.
   """
 
   rank: int = 1920
@@ -82,6 +86,7 @@ class MENDConfig:
   rows: str = "all"
   log_lambda: float = 0.0
   chunk: int = 0
+  edit_steps: int = 1
 
   def __post_init__(self):
     if self.rank < 1:
@@ -100,6 +105,8 @@ class MENDConfig:
       raise ValueError(f"MENDConfig.rows must be one of {ROWS}, got {self.rows!r}")
     if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 0:
       raise ValueError(f"MENDConfig.chunk must be an integer >= 0 (0: no chunking), got {self.chunk!r}")
+    if isinstance(self.edit_steps, bool) or not isinstance(self.edit_steps, int) or self.edit_steps < 1:
+      raise ValueError(f"MENDConfig.edit_steps must be an integer >= 1, got {self.edit_steps!r}")
 
 
 class LowRankResidual(nn.Module):

@@ -306,3 +306,54 @@ def test_bad_aggregation_and_chunk_are_clear_errors():
     MENDConfig(aggregation="mean")
   with pytest.raises(ValueError, match="chunk must be an integer >= 0"):
     MENDConfig(chunk=-1)
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "least_squares"])
+def test_edit_steps_repeat_the_edit_on_the_weights_it_left(aggregation):
+  # Reference: the one-step editor applied twice by hand, the second time to the weights the first
+  # left; and the patch of a two-step edit (factors of both steps side by side) gives the same weights.
+  model = tiny_model("gpt2")
+  batch = make_batch(model, seed=6, batch=3, pad=1)
+  one = MEND(model, MENDConfig(rank=8, aggregation=aggregation, edit_lr=0.05))
+  two = MEND(model, MENDConfig(rank=8, aggregation=aggregation, edit_lr=0.05, edit_steps=2))
+  state = _randomize_net(one.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(3))
+  state = state._replace(aux=one.update_stats(state.aux, one.capture(model.params, batch)))
+  first, _ = one.jit_edit(state, model.params, batch)
+  by_hand, _ = one.jit_edit(state, first, batch)
+  got, info = two.jit_edit(state, model.params, batch)
+  w0, w1, w2, w = (tree.get_leaves(t, model.layer_paths) for t in (model.params, first, by_hand, got))
+  for p in model.layer_paths:
+    assert float(jnp.abs(w2[p] - w1[p]).max()) > 1e-3 * float(jnp.abs(w1[p] - w0[p]).max())  # the step did something
+    # float32 rounding of weights up to ~100 (an untrained editor's large steps): 1e-6 of the largest.
+    np.testing.assert_allclose(w[p], w2[p], rtol=1e-5, atol=1e-6 * float(jnp.abs(w2[p]).max()))
+  np.testing.assert_allclose(info["update_norm"], [np.linalg.norm(np.asarray(w2[p] - w0[p])) for p in model.layer_paths],
+                             rtol=1e-4)
+  factors, _ = jax.jit(two.patch)(state, model.params, batch)
+  for p in model.layer_paths:
+    left, right = factors[p]
+    np.testing.assert_allclose(w0[p] + left @ right, w2[p], rtol=1e-5, atol=1e-6 * float(jnp.abs(w2[p]).max()))
+
+
+def test_edit_steps_train_through_every_step():
+  # The training loss of a two-step editor differentiates through both steps: its gradient equals
+  # the gradient of the loss built from two one-step edits composed by hand.
+  model = tiny_model("gpt2")
+  batch = make_batch(model, seed=7, batch=2)
+  one = MEND(model, MENDConfig(rank=8, edit_lr=0.05))
+  two = MEND(model, MENDConfig(rank=8, edit_lr=0.05, edit_steps=2))
+  state = _randomize_net(one.init(jax.random.PRNGKey(1)), jax.random.PRNGKey(4))
+
+  def by_hand(params):
+    new, stats, _ = one.edit_for_training(params, state.aux, model.params, batch)
+    new, _ = one.apply_updates(params, stats, new, one.capture(new, batch))
+    return losses.nll(model.task, model.logits(new, batch), batch)
+
+  def stepped(params):
+    new, _, _ = two.edit_for_training(params, state.aux, model.params, batch)
+    return losses.nll(model.task, model.logits(new, batch), batch)
+
+  g_ref, g = jax.jit(jax.grad(by_hand))(state.params), jax.jit(jax.grad(stepped))(state.params)
+  assert float(jnp.abs(g["alpha"]).max()) > 0
+  chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-7)
+  with pytest.raises(ValueError, match="edit_steps must be an integer >= 1"):
+    MENDConfig(edit_steps=0)
