@@ -5,7 +5,7 @@ at every k.
   python scripts/batched.py [--config synthetic:batched] [--ks 1,25,125,512] [--aggs sum,least_squares,malmen]
                             [--workdir runs/batched] [--out docs/batched_synthetic.md] [--no-train]
                             [--train-ks 1,25] [--steps 25:1500,125:500] [--streams 25,125 --stream-n 960]
-                            [-- --config.seed=1 ...]
+                            [--eval-steps 4,5] [-- --config.seed=1 ...]
 
 For each aggregation and each training k: `mend-train --config CONFIG` with k edits per
 micro-step (STEPS below, or --steps K:N,...: micro-steps per k; `train_flags`: locality rows and
@@ -14,7 +14,11 @@ process unless WORKDIR/AGG_kK/results.json exists; then `mend-evaluate --ks KS -
 on the test split (k held-out edits applied at once to the unedited model, for every k that the
 split holds). Writes OUT: one table per aggregation (rows: the k the editor was trained for; columns:
 the k it is evaluated at), the diagonal (each editor at its own k) with time per edit and the
-evaluation's peak memory, and a figure (OUT's name with .png).
+evaluation's peak memory, and a figure (OUT's name with .png). --eval-steps S,...: every editor
+is also evaluated applying itself S times per edit (`mend-evaluate --edit_steps S`), as extra rows
+("applied with S steps"), with a figure of edit success and locality against the steps applied
+(OUT's name with _steps.png). Editors trained with `-- --config.mend.edit_steps=N` apply N steps
+in the plain rows.
 
 Configs: `synthetic:batched` (the synthetic world with 960 held-out test edits) and `facts`
 (SmolLM2-135M on the real-facts benchmark: 225 test edits, so k <= 225).
@@ -56,9 +60,16 @@ def run(cmd: list[str], log_path: str) -> None:
     sys.exit(f"error: {' '.join(cmd[3:5])} failed (exit {proc.returncode}); see {log_path}")
 
 
+def trained_steps(wd: str) -> int:
+  """The edit steps the editor in wd was trained with (its checkpoint's MENDConfig.edit_steps)."""
+  from mend_jax import checkpoint
+  return int(checkpoint.read_meta(wd)["editor_config"].get("edit_steps", 1))
+
+
 def sweep(config: str, ks: list[int], train_ks: list[int], aggs: list[str], workdir: str, train: bool,
-          extra: list[str], steps: dict) -> dict:
-  """{agg: {k_train: {"train": results.json, "eval": results_k.json["batched"]}}}."""
+          extra: list[str], steps: dict, eval_steps: tuple[int, ...] = ()) -> dict:
+  """{agg: {k_train: {"train": results.json, "eval": results_k.json["batched"], "steps": the edit
+  steps it was trained with, "by_steps": {S: results_k_stepsS.json["batched"]} for S in eval_steps}}}."""
   out: dict = {}
   os.makedirs(workdir, exist_ok=True)
   for agg in aggs:
@@ -77,8 +88,24 @@ def sweep(config: str, ks: list[int], train_ks: list[int], aggs: list[str], work
         run([sys.executable, "-m", "mend_jax.cli", "evaluate", "--workdir", wd, "--ks", ",".join(map(str, ks)),
              "--nosequential"], os.path.join(workdir, f"{agg}_k{k}.eval.log"))
       with open(res_path) as f, open(ks_path) as g:
-        out.setdefault(agg, {})[k] = {"train": json.load(f), "eval": json.load(g)["batched"]}
+        out.setdefault(agg, {})[k] = {"train": json.load(f), "eval": json.load(g)["batched"],
+                                      "steps": trained_steps(wd), "by_steps": {}}
+      for n in eval_steps:
+        path = os.path.join(wd, f"results_k_steps{n}.json")
+        if not os.path.isfile(path):
+          run([sys.executable, "-m", "mend_jax.cli", "evaluate", "--workdir", wd, "--ks", ",".join(map(str, ks)),
+               "--nosequential", "--edit_steps", str(n)], os.path.join(workdir, f"{agg}_k{k}.steps{n}.log"))
+        with open(path) as f:
+          out[agg][k]["by_steps"][n] = json.load(f)["batched"]
   return out
+
+
+def rows(by_k: dict):
+  """(label, training results, evaluation by k, steps applied) of each editor and each steps applied."""
+  for k_train, r in sorted(by_k.items()):
+    yield f"trained at k={k_train}", r["train"], r["eval"], r["steps"]
+    for n, ev in sorted(r["by_steps"].items()):
+      yield f"trained at k={k_train}, applied with {n} steps", r["train"], ev, n
 
 
 def tables(results: dict, ks: list[int]) -> str:
@@ -86,25 +113,25 @@ def tables(results: dict, ks: list[int]) -> str:
   for agg, by_k in results.items():
     for metric in ("edit_success", "locality_unchanged"):
       head = f"| {agg}: {metric.replace('_', ' ')} | " + " | ".join(f"k={k}" for k in ks) + " |"
-      rows = [head, "|---|" + "---|" * len(ks)]
-      for k_train, r in sorted(by_k.items()):
-        cells = [f"{r['eval'][str(k)][metric]:.3f}" if str(k) in r["eval"] else "-" for k in ks]
-        rows.append(f"| trained at k={k_train} | " + " | ".join(cells) + " |")
-      parts.append("\n".join(rows))
-  diag = ["| aggregation | k | edits | edit success | reliability | locality unchanged | drawdown | time per edit ms "
-          "| edit of k ms | peak memory GB | training micro-steps | training s |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      lines = [head, "|---|" + "---|" * len(ks)]
+      for label, _, ev, _ in rows(by_k):
+        cells = [f"{ev[str(k)][metric]:.3f}" if str(k) in ev else "-" for k in ks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+      parts.append("\n".join(lines))
+  diag = ["| aggregation | k | edit steps trained / applied | edits | edit success | reliability | locality unchanged "
+          "| drawdown | time per edit ms | edit of k ms | peak memory GB | training micro-steps | training s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for agg, by_k in results.items():
     for k, r in sorted(by_k.items()):
-      e = r["eval"].get(str(k))
-      if e is None:
-        continue
-      t = r["train"]
-      train_s = f"{t['train_time_s']:.0f}" if t.get("train_time_s", 0) >= 1 else "-"  # ~0: trained by an earlier process
-      diag.append(f"| {agg} | {k} | {e['n_test_edits']} | {e['edit_success']:.3f} | {e['reliability']:.3f} "
-                  f"| {e['locality_unchanged']:.3f} | {e['locality_drawdown']:.3f} | {1000 * e['time_per_edit_s']:.2f} "
-                  f"| {1000 * k * e['time_per_edit_s']:.0f} | {e['peak_rss_gb']:.2f} | {t.get('steps', '-')} "
-                  f"| {train_s} |")
+      for _, t, ev, n in rows({k: r}):
+        e = ev.get(str(k))
+        if e is None:
+          continue
+        train_s = f"{t['train_time_s']:.0f}" if t.get("train_time_s", 0) >= 1 else "-"  # ~0: trained by an earlier process
+        diag.append(f"| {agg} | {k} | {r['steps']} / {n} | {e['n_test_edits']} | {e['edit_success']:.3f} "
+                    f"| {e['reliability']:.3f} | {e['locality_unchanged']:.3f} | {e['locality_drawdown']:.3f} "
+                    f"| {1000 * e['time_per_edit_s']:.2f} | {1000 * k * e['time_per_edit_s']:.0f} | {e['peak_rss_gb']:.2f} "
+                    f"| {t.get('steps', '-')} | {train_s} |")
   parts.append("\n".join(diag))
   return "\n\n".join(parts)
 
@@ -157,6 +184,27 @@ def plot(results: dict, path: str) -> str:
   return report.save_figure(fig, path, dpi=120)
 
 
+def plot_steps(results: dict, path: str) -> str:
+  """Edit success and locality at each training k against the edit steps applied, per aggregation."""
+  plt = report.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  for agg, by_k in results.items():
+    for k, r in sorted(by_k.items()):
+      pts = sorted({r["steps"]: r["eval"], **r["by_steps"]}.items())
+      pts = [(n, ev[str(k)]) for n, ev in pts if str(k) in ev]
+      for ax, metric in zip(axes, ("edit_success", "locality_unchanged")):
+        ax.plot([n for n, _ in pts], [e[metric] for _, e in pts], "o-",
+                label=f"{agg}, k={k} (trained with {r['steps']})")
+  for ax, name in zip(axes, ("edit success (paraphrases)", "locality unchanged")):
+    ax.set_xlabel("edit steps applied")
+    ax.set_title(name)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  return report.save_figure(fig, path, dpi=120)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="synthetic:batched")
@@ -169,6 +217,7 @@ def main():
   p.add_argument("--steps", default="", help="K:N,...: micro-steps of the editor trained at K (k > 1)")
   p.add_argument("--streams", default="", help="comma-separated training k whose editors also run a stream")
   p.add_argument("--stream-n", type=int, default=960, help="edits in each stream (from the test split)")
+  p.add_argument("--eval-steps", default="", help="comma-separated edit steps to also apply every editor with")
   args, extra = p.parse_known_args()
   extra = [e for e in extra if e != "--"]
   def k_list(flag: str, value: str) -> list[int]:
@@ -189,11 +238,15 @@ def main():
       p.error(f"--steps: expected K:N with K > 1 (e.g. 25:300), got {item!r}")
     steps[int(k)] = int(n)
   train_ks = k_list("--train-ks", args.train_ks) if args.train_ks else ks
-  results = sweep(args.config, ks, train_ks, aggs, args.workdir, not args.no_train, extra, steps)
+  eval_steps = tuple(k_list("--eval-steps", args.eval_steps)) if args.eval_steps else ()
+  results = sweep(args.config, ks, train_ks, aggs, args.workdir, not args.no_train, extra, steps, eval_steps)
   text = tables(results, ks)
   print(text)
   figure = os.path.basename(plot(results, os.path.splitext(args.out)[0] + ".png"))
   text += f"\n\n![]({figure})\n"
+  if eval_steps:
+    figure = os.path.basename(plot_steps(results, os.path.splitext(args.out)[0] + "_steps.png"))
+    text += f"\n![]({figure})\n"
   if args.streams:
     res = streams(results, k_list("--streams", args.streams), args.stream_n, args.workdir)
     summary = stream_summary(res)
