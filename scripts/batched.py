@@ -197,6 +197,7 @@ def plot_steps(results: dict, path: str) -> str:
                 label=f"{agg}, k={k} (trained with {r['steps']})")
   for ax, name in zip(axes, ("edit success (paraphrases)", "locality unchanged")):
     ax.set_xlabel("edit steps applied")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(name)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
