@@ -73,5 +73,7 @@ def test_capture_at_read_positions_equals_full():
   np.testing.assert_allclose(float(r.loss), float(a.loss), rtol=1e-6)
   for p in model.layer_paths:
     np.testing.assert_allclose(np.asarray(r.u[p]), np.asarray(a.u[p]), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(r.delta[p]), np.asarray(a.delta[p]), rtol=1e-5, atol=1e-9)
+    # float32 rounding: the two programs sum in different orders, ~1e-7 of the largest entry.
+    np.testing.assert_allclose(np.asarray(r.delta[p]), np.asarray(a.delta[p]), rtol=1e-5,
+                               atol=1e-6 * float(np.abs(np.asarray(a.delta[p])).max()))
     assert float(jnp.abs(a.delta[p]).max()) > 0
