@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-from mend_jax import report
+from mend_jax import checkpoint, report
 from mend_jax.editors.mend_net import AGGREGATIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,6 @@ def run(cmd: list[str], log_path: str) -> None:
 
 def trained_steps(wd: str) -> int:
   """The edit steps the editor in wd was trained with (its checkpoint's MENDConfig.edit_steps)."""
-  from mend_jax import checkpoint
   return int(checkpoint.read_meta(wd)["editor_config"].get("edit_steps", 1))
 
 
