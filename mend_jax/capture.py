@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
+import numpy as np
 
 from mend_jax import losses
 from mend_jax.models import EditableModel
@@ -126,7 +127,7 @@ def rank1_sum(u: jax.Array, delta: jax.Array, layout: str) -> jax.Array:
 
 
 def least_squares(u: jax.Array, delta: jax.Array, log_lambda: jax.Array, layout: str,
-                  scaled: bool = True) -> jax.Array:
+                  scaled: bool = True, precond: jax.Array | None = None) -> jax.Array:
   """The ridge least-squares update of one layer, in the kernel's own orientation:
   lambda (K^T K + lambda I)^-1 K^T D with keys K = u rows [N, d_in], values D = delta rows
   [N, d_out], lambda = exp(log_lambda). The factor lambda keeps the scale of the summed update
@@ -135,9 +136,20 @@ def least_squares(u: jax.Array, delta: jax.Array, log_lambda: jax.Array, layout:
   plain ridge solution (K^T K + lambda I)^-1 K^T D (`malmen_values`). Float32, by a Cholesky
   factorisation of the smaller Gram matrix: K K^T [N, N] (the dual form,
   K^T (K K^T + lambda I)^-1 D) when N <= d_in, else K^T K [d_in, d_in]. Zero rows (masked
-  tokens) take no part."""
+  tokens) take no part.
+
+  precond: R = P^(-1/2) [d_in, d_in] (symmetric) of a positive definite penalty P: the ridge term
+  lambda I becomes lambda P, lambda (K^T K + lambda P)^-1 K^T D = R lambda (K'^T K' + lambda I)^-1
+  K'^T D with K' = K R (`key_penalty_root`). With P = I + gamma C, C the second moment of a
+  layer's typical inputs, the update changes little what those inputs produce (MEMIT's
+  preservation term)."""
   k = u.reshape(-1, u.shape[-1]).astype(jnp.float32)
   d = delta.reshape(-1, delta.shape[-1]).astype(jnp.float32)
+  if precond is not None:
+    r = precond.astype(jnp.float32)
+    s = least_squares(k @ r, d, log_lambda, "in_out", scaled)
+    s = r @ s
+    return s if layout == "in_out" else s.T
   n, d_in = k.shape
   if n <= d_in:
     s = k.T @ least_squares_dual(k, d, log_lambda, scaled)
@@ -147,6 +159,29 @@ def least_squares(u: jax.Array, delta: jax.Array, log_lambda: jax.Array, layout:
     s = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram), k.T @ d)
     s = lam * s if scaled else s
   return s if layout == "in_out" else s.T  # [d_in, d_out] or [d_out, d_in]
+
+
+def second_moment(u: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum of u_t u_t^T over the masked rows [d, d], their count []), float32. u: [..., d];
+  mask: u.shape[:-1]. Sums of several batches add up."""
+  x = u.reshape(-1, u.shape[-1]).astype(jnp.float32) * mask.reshape(-1, 1).astype(jnp.float32)
+  return x.T @ x, jnp.sum(mask).astype(jnp.float32)
+
+
+def key_penalty_root(moment: np.ndarray, count: float, gamma: float) -> np.ndarray:
+  """R = P^(-1/2) for the ridge penalty P = I + gamma C~ of `least_squares`, C~ = C / (tr C / d)
+  with C = moment / count the second moment of a layer's inputs [d, d]: C~ has mean eigenvalue
+  1, so gamma weighs it against the identity whatever the inputs' scale. Every eigenvalue of P is
+  >= 1: no direction costs less than with the plain ridge, the typical inputs' directions cost
+  more. float64 eigh; float32 result. gamma = 0 or no rows: the identity."""
+  d = moment.shape[0]
+  c = np.asarray(moment, np.float64) / max(float(count), 1.0)
+  tr = float(np.trace(c)) / d
+  if gamma == 0 or count <= 0 or tr <= 0:
+    return np.eye(d, dtype=np.float32)
+  p = np.eye(d) + gamma * (c + c.T) / (2 * tr)
+  w, v = np.linalg.eigh(p)
+  return ((v / np.sqrt(w)) @ v.T).astype(np.float32)
 
 
 def least_squares_dual(k: jax.Array, d: jax.Array, log_lambda: jax.Array, scaled: bool = True) -> jax.Array:

@@ -268,6 +268,8 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if mngr.latest_step() is None:
     state, extra = init_state(editor, tx, seed, base_params, mesh, shard_editor), {}
+    # Statistics of the frozen model the editor measures once (MEND's key-preservation term).
+    state = state._replace(editor=editor.prepare(state.editor, base_params, train))
     if os.path.exists(metrics_path):
       os.remove(metrics_path)  # rows of a run that never reached a checkpoint
   else:  # shapes first, restored into: the state is allocated once

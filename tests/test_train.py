@@ -150,3 +150,16 @@ def test_validation_applies_n_edits_edits_at_once(synth_setup):
   seen.clear()
   train.validate(eval_step, None, None, d, dataclasses.replace(TCFG, n_edits=len(d) + 5, n_val=4))
   assert seen == [(len(d), TCFG.n_loc)]
+
+
+def test_training_measures_the_preservation_term_once_and_checkpoints_it(synth_setup, tmp_path):
+  m, d = synth_setup["model"], synth_setup["data"]
+  ed = editors.make("mend", m, {"rank": 8, "aggregation": "least_squares", "preserve": 1.0})
+  cfg = dataclasses.replace(TCFG, max_steps=2, val_every=2, ckpt_every=2)
+  state, _ = train.fit(ed, cfg, m.params, d, d, str(tmp_path))
+  want = ed.prepare(ed.init(jax.random.PRNGKey(0)), m.params, d).aux["preserve"]
+  for k, r in want.items():
+    assert not np.allclose(r, np.eye(r.shape[0]), atol=1e-3)  # measured, not the identity it starts as
+  chex.assert_trees_all_close(state.editor.aux["preserve"], want, rtol=1e-6, atol=1e-7)  # fixed during training
+  loaded = ckpt_lib.load_editor(str(tmp_path), m)
+  chex.assert_trees_all_equal(loaded.state.aux["preserve"], state.editor.aux["preserve"])

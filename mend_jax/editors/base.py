@@ -77,6 +77,13 @@ class Editor(abc.ABC):
   def init(self, rng: jax.Array, base_params) -> EditorState:
     """The initial state (jittable, so `jax.eval_shape` gives its shapes)."""
 
+  def prepare(self, state: EditorState, base_params, data) -> EditorState:
+    """The initial state completed with what the editor measures once on the frozen model and the
+    training split (`data`, an EditData) before training; the training loop calls it on a fresh
+    start. Default: state unchanged."""
+    del base_params, data
+    return state
+
   @abc.abstractmethod
   def _edit(self, state: EditorState, params, batch: Batch, **static) -> tuple[Any, dict]:
     """The edit, on inputs `edit` has checked. Returns (new_params, info)."""

@@ -20,6 +20,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mend_jax import capture as capture_lib
 from mend_jax import losses, tree
@@ -54,7 +55,8 @@ class MEND(Editor):
 
   State: EditorState(params={"net": {group: network params}, "alpha": [n_layers] learned steps,
   with least squares also "log_lambda": [n_layers]}, aux={group: {"u": RunningStats, "delta":
-  RunningStats}}), the normalisation statistics.
+  RunningStats}}), the normalisation statistics; with cfg.preserve also aux["preserve"] =
+  {"layer<i>": R_i [d_in, d_in]}, the root of each layer's ridge penalty (`prepare`).
 
   Usage:
     editor = MEND(model, MENDConfig(rank=64))
@@ -74,7 +76,8 @@ class MEND(Editor):
 
   # ---------------------------------------------------------------- state
   def init(self, rng: jax.Array, base_params=None) -> EditorState:
-    """Identity-initialised networks, alpha = edit_lr, empty statistics (base_params unused)."""
+    """Identity-initialised networks, alpha = edit_lr, empty statistics, identity penalty roots
+    (`prepare` measures them; base_params unused)."""
     del base_params
     nets = {}
     for i, g in enumerate(self.groups):
@@ -87,7 +90,41 @@ class MEND(Editor):
     if self.cfg.aggregation in ("least_squares", "malmen"):
       params["log_lambda"] = jnp.asarray([self.cfg.log_lambda + math.log(layer.d_in) for layer in self.model.layers],
                                          jnp.float32)
+    if self.cfg.preserve:
+      st["preserve"] = {f"layer{i}": jnp.eye(layer.d_in, dtype=jnp.float32) for i, layer in enumerate(self.model.layers)}
     return EditorState(params, st)
+
+  def prepare(self, state: EditorState, base_params, data, max_rows: int = 2048, batch_size: int = 64) -> EditorState:
+    """With cfg.preserve: state with each layer's penalty root R = (I + gamma C~)^(-1/2)
+    (`capture.key_penalty_root`), C~ the second moment of the layer's input rows (the rows the
+    editor would see: `capture` and `masks`) over the locality examples of up to max_rows
+    records of `data` (an EditData, the training split) on the frozen base_params. Without
+    cfg.preserve: state unchanged."""
+    if not self.cfg.preserve:
+      return state
+    n = min(len(data), max_rows)
+    if n == 0:
+      raise ValueError("MEND.prepare: the data has no records to measure the layers' inputs on")
+
+    @jax.jit
+    def moments(batch):
+      cap = self.capture(base_params, batch)
+      masks = self.masks(cap)
+      return {l.path: capture_lib.second_moment(cap.u[l.path], masks[l.path]) for l in self.model.layers}
+
+    total = None
+    for start in range(0, n, batch_size):
+      m = jax.device_get(moments(data.loc.take(np.arange(start, min(start + batch_size, n)))))
+      total = m if total is None else {p: (total[p][0] + m[p][0], total[p][1] + m[p][1]) for p in total}
+    roots = {f"layer{i}": jnp.asarray(capture_lib.key_penalty_root(*total[l.path], self.cfg.preserve))
+             for i, l in enumerate(self.model.layers)}
+    old = state.aux["preserve"]
+    roots = {k: jax.device_put(v, old[k].sharding) if hasattr(old[k], "sharding") else v for k, v in roots.items()}
+    return EditorState(state.params, {**state.aux, "preserve": roots})
+
+  def _precond(self, aux: Mapping, i: int):
+    """Layer i's penalty root R, or None without cfg.preserve."""
+    return aux["preserve"][f"layer{i}"] if self.cfg.preserve else None
 
   # ---------------------------------------------------------------- pieces
   def capture(self, params, batch) -> capture_lib.Capture:
@@ -132,6 +169,8 @@ class MEND(Editor):
         s_u = stats_lib.update(s_u, cap.u[p], masks[p])
         s_d = stats_lib.update(s_d, cap.delta[p], masks[p])
       new[g.key] = {"u": s_u, "delta": s_d}
+    if "preserve" in stats:
+      new["preserve"] = stats["preserve"]
     return new
 
   def pseudo_factors(self, net_params: dict, stats: dict, cap: capture_lib.Capture):
@@ -191,7 +230,8 @@ class MEND(Editor):
     for i, layer in enumerate(self.model.layers):
       u_t, d_t = factors[layer.path]
       if self.cfg.aggregation == "least_squares":
-        g = capture_lib.least_squares(u_t, d_t, editor_params["log_lambda"][i], layer.layout)
+        g = capture_lib.least_squares(u_t, d_t, editor_params["log_lambda"][i], layer.layout,
+                                      precond=self._precond(stats, i))
       elif self.cfg.aggregation == "malmen":
         keys = self._keys(cap, masks, layer.path)
         g = capture_lib.least_squares(keys, capture_lib.malmen_values(keys, u_t, d_t), editor_params["log_lambda"][i],
@@ -263,7 +303,13 @@ class MEND(Editor):
     for i, layer in enumerate(self.model.layers):
       u_t, d_t = (x.reshape(-1, x.shape[-1]).astype(jnp.float32) for x in factors[layer.path])
       if self.cfg.aggregation == "least_squares":
-        d_t = capture_lib.least_squares_dual(u_t, d_t, state.params["log_lambda"][i])
+        r = self._precond(state.aux, i)
+        if r is None:
+          d_t = capture_lib.least_squares_dual(u_t, d_t, state.params["log_lambda"][i])
+        else:  # R (K R)^T X with X the dual solve on the keys K R: left factor (K R R)^T
+          u_t = u_t @ r
+          d_t = capture_lib.least_squares_dual(u_t, d_t, state.params["log_lambda"][i])
+          u_t = u_t @ r
       elif self.cfg.aggregation == "malmen":  # K^T (K K^T + lambda I)^-1 V: left factor the real keys
         keys = self._keys(cap, masks, layer.path)
         d_t = capture_lib.least_squares_dual(keys, capture_lib.malmen_values(keys, u_t, d_t),

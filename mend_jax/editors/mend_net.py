@@ -68,6 +68,12 @@ class MENDConfig:
     and delta again on the weights that step s - 1 left and applies the same networks, alpha and
     statistics to them, so later steps act on what the edit loss still asks for; training
     differentiates through all steps. Each step costs one more forward and backward pass.
+  preserve: gamma >= 0 of a key-preservation term (least_squares only; 0: none). The ridge
+    penalty lambda I of the solve becomes lambda (I + gamma C~), C~ the second moment of each
+    edited layer's inputs on the training split's locality examples, scaled to mean eigenvalue 1
+    (`capture.key_penalty_root`; MEMIT's covariance term): the update then changes least what
+    typical inputs produce. C~ is measured once on the frozen model before training
+    (`MEND.prepare`) and stored with the editor.
   """
 
   rank: int = 1920
@@ -87,6 +93,7 @@ class MENDConfig:
   log_lambda: float = 0.0
   chunk: int = 0
   edit_steps: int = 1
+  preserve: float = 0.0
 
   def __post_init__(self):
     if self.rank < 1:
@@ -107,6 +114,11 @@ class MENDConfig:
       raise ValueError(f"MENDConfig.chunk must be an integer >= 0 (0: no chunking), got {self.chunk!r}")
     if isinstance(self.edit_steps, bool) or not isinstance(self.edit_steps, int) or self.edit_steps < 1:
       raise ValueError(f"MENDConfig.edit_steps must be an integer >= 1, got {self.edit_steps!r}")
+    if isinstance(self.preserve, bool) or not isinstance(self.preserve, (int, float)) or not self.preserve >= 0:
+      raise ValueError(f"MENDConfig.preserve must be a number >= 0 (0: no preservation term), got {self.preserve!r}")
+    if self.preserve and self.aggregation != "least_squares":
+      raise ValueError(f"MENDConfig.preserve weighs the ridge penalty of aggregation='least_squares'; "
+                       f"aggregation is {self.aggregation!r}")
 
 
 class LowRankResidual(nn.Module):

@@ -357,3 +357,91 @@ def test_edit_steps_train_through_every_step():
   chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-7)
   with pytest.raises(ValueError, match="edit_steps must be an integer >= 1"):
     MENDConfig(edit_steps=0)
+
+
+def _penalty_reference(moment, count, gamma):
+  """P = I + gamma C / (tr C / d), C = moment / count, in float64 (the key-preservation penalty)."""
+  c = np.asarray(moment, np.float64) / count
+  return np.eye(c.shape[0]) + gamma * c / (np.trace(c) / c.shape[0])
+
+
+@pytest.mark.parametrize("n", [5, 40])  # the dual form and the primal form
+def test_preserving_solve_matches_float64_and_spares_typical_inputs(n):
+  rng = np.random.default_rng(20 + n)
+  basis = np.linalg.qr(rng.normal(size=(16, 16)))[0]
+  typical = (rng.normal(size=(300, 16)) * np.geomspace(3.0, 0.05, 16)) @ basis.T  # a few strong directions
+  moment = typical.T @ typical
+  np.testing.assert_array_equal(capture.key_penalty_root(moment, 300, 0.0), np.eye(16))
+  r = capture.key_penalty_root(moment, 300, 4.0)
+  p = _penalty_reference(moment, 300, 4.0)
+  np.testing.assert_allclose(r.astype(np.float64) @ p @ r, np.eye(16), atol=1e-5)  # R = P^(-1/2)
+  u = rng.normal(size=(n, 16)).astype(np.float32)
+  d = rng.normal(size=(n, 12)).astype(np.float32)
+  u[1] = 0.0  # a masked row takes no part
+  for log_lam in (-1.0, 0.5, 3.0):
+    lam = np.exp(log_lam)
+    want = lam * np.linalg.solve(u.T.astype(np.float64) @ u + lam * p, u.T.astype(np.float64) @ d)
+    got = capture.least_squares(u, d, jnp.float32(log_lam), "in_out", precond=jnp.asarray(r))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5 * np.abs(want).max())
+    got_t = capture.least_squares(u, d, jnp.float32(log_lam), "out_in", precond=jnp.asarray(r))
+    np.testing.assert_allclose(np.asarray(got_t), want.T, rtol=2e-4, atol=2e-5 * np.abs(want).max())
+  # Against the plain ridge with the same lambda, the typical inputs' outputs change less per unit
+  # of change at the keys.
+  plain = np.asarray(capture.least_squares(u, d, jnp.float32(1.0), "in_out"), np.float64)
+  kept = np.asarray(capture.least_squares(u, d, jnp.float32(1.0), "in_out", precond=jnp.asarray(r)), np.float64)
+  ratio = lambda s: np.linalg.norm(typical @ s) / np.linalg.norm(u @ s)
+  assert ratio(kept) < 0.7 * ratio(plain)
+
+
+def test_preserving_editor_measures_its_inputs_and_edits_by_its_solve(synth_setup):
+  m, data = synth_setup["model"], synth_setup["data"]
+  ed = MEND(m, MENDConfig(rank=8, aggregation="least_squares", preserve=2.0, edit_lr=10.0))
+  state = _randomize_net(ed.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(5))
+  assert all(np.array_equal(r, np.eye(r.shape[0])) for r in state.aux["preserve"].values())
+  prepared = ed.prepare(state, m.params, data, max_rows=6, batch_size=4)  # chunks of 4 and 2
+  # Reference: every record's captured input rows one at a time, summed in float64.
+  moments = {p: np.zeros((l.d_in, l.d_in)) for p, l in zip(m.layer_paths, m.layers)}
+  counts = {p: 0.0 for p in m.layer_paths}
+  for j in range(6):
+    cap = ed.capture(m.params, data.loc.take([j]))
+    masks = ed.masks(cap)
+    for p in m.layer_paths:
+      rows = np.asarray(cap.u[p], np.float64).reshape(-1, moments[p].shape[0])[np.asarray(masks[p]).reshape(-1)]
+      moments[p] += rows.T @ rows
+      counts[p] += len(rows)
+  penalties = []
+  for i, p in enumerate(m.layer_paths):
+    assert counts[p] > 0
+    penalties.append(_penalty_reference(moments[p], counts[p], 2.0))
+    r = np.asarray(prepared.aux["preserve"][f"layer{i}"], np.float64)
+    np.testing.assert_allclose(r @ penalties[i] @ r, np.eye(r.shape[0]), atol=1e-4)
+  # The edit: W - alpha lambda (K^T K + lambda P)^-1 K^T D with K, D the editor's pseudo factors.
+  batch = data.edit.take([6, 7])
+  new, _ = ed.jit_edit(prepared, m.params, batch)
+  factors = ed.pseudo_factors(prepared.params["net"], prepared.aux, ed.capture(m.params, batch))
+  w0, w1 = tree.get_leaves(m.params, m.layer_paths), tree.get_leaves(new, m.layer_paths)
+  for i, layer in enumerate(m.layers):
+    k, v = (np.asarray(x, np.float64) for x in factors[layer.path])
+    lam = float(np.exp(prepared.params["log_lambda"][i]))
+    s = lam * np.linalg.solve(k.T @ k + lam * penalties[i], k.T @ v)
+    want = -float(prepared.params["alpha"][i]) * (s if layer.layout == "in_out" else s.T)
+    got = np.asarray(w1[layer.path], np.float64) - np.asarray(w0[layer.path], np.float64)
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+  # The patch (low-rank factors) gives the same weights.
+  patch, _ = jax.jit(ed.patch)(prepared, m.params, batch)
+  for p in m.layer_paths:
+    left, right = patch[p]
+    np.testing.assert_allclose(w0[p] + left @ right, w1[p], rtol=1e-5, atol=1e-6 * float(jnp.abs(w1[p]).max()))
+  # Without the term, prepare changes nothing.
+  plain = MEND(m, MENDConfig(rank=8, aggregation="least_squares"))
+  st = plain.init(jax.random.PRNGKey(0))
+  assert plain.prepare(st, m.params, data) is st and "preserve" not in st.aux
+
+
+def test_bad_preserve_values_are_clear_errors():
+  for bad in (-1.0, True, "1", float("nan")):
+    with pytest.raises(ValueError, match="preserve must be a number >= 0"):
+      MENDConfig(aggregation="least_squares", preserve=bad)
+  with pytest.raises(ValueError, match="aggregation='least_squares'"):
+    MENDConfig(preserve=1.0)
