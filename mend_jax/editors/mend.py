@@ -94,7 +94,7 @@ class MEND(Editor):
       st["preserve"] = {f"layer{i}": jnp.eye(layer.d_in, dtype=jnp.float32) for i, layer in enumerate(self.model.layers)}
     return EditorState(params, st)
 
-  def prepare(self, state: EditorState, base_params, data, max_rows: int = 2048, batch_size: int = 64) -> EditorState:
+  def prepare(self, state: EditorState, base_params, data, max_rows: int = 2048, batch_size: int = 32) -> EditorState:
     """With cfg.preserve: state with each layer's penalty root R = (I + gamma C~)^(-1/2)
     (`capture.key_penalty_root`), C~ the second moment of the layer's input rows (the rows the
     editor would see: `capture` and `masks`) over the locality examples of up to max_rows
@@ -107,14 +107,17 @@ class MEND(Editor):
       raise ValueError("MEND.prepare: the data has no records to measure the layers' inputs on")
 
     @jax.jit
-    def moments(batch):
-      cap = self.capture(base_params, batch)
+    def moments(base, batch, weight):  # the model is an argument: a closed-over one would be a constant
+      cap = self.capture(base, batch)
       masks = self.masks(cap)
-      return {l.path: capture_lib.second_moment(cap.u[l.path], masks[l.path]) for l in self.model.layers}
+      return {l.path: capture_lib.second_moment(cap.u[l.path], masks[l.path] & weight[:, None])
+              for l in self.model.layers}
 
     total = None
     for start in range(0, n, batch_size):
-      m = jax.device_get(moments(data.loc.take(np.arange(start, min(start + batch_size, n)))))
+      idx = np.arange(start, start + batch_size)
+      weight = idx < n  # one compiled shape: the last chunk repeats its last row, counted zero times
+      m = jax.device_get(moments(base_params, data.loc.take(np.minimum(idx, n - 1)), jnp.asarray(weight)))
       total = m if total is None else {p: (total[p][0] + m[p][0], total[p][1] + m[p][1]) for p in total}
     roots = {f"layer{i}": jnp.asarray(capture_lib.key_penalty_root(*total[l.path], self.cfg.preserve))
              for i, l in enumerate(self.model.layers)}

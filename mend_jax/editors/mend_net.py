@@ -14,6 +14,7 @@ reach U and the editor could never start training.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -114,7 +115,7 @@ class MENDConfig:
       raise ValueError(f"MENDConfig.chunk must be an integer >= 0 (0: no chunking), got {self.chunk!r}")
     if isinstance(self.edit_steps, bool) or not isinstance(self.edit_steps, int) or self.edit_steps < 1:
       raise ValueError(f"MENDConfig.edit_steps must be an integer >= 1, got {self.edit_steps!r}")
-    if isinstance(self.preserve, bool) or not isinstance(self.preserve, (int, float)) or not self.preserve >= 0:
+    if isinstance(self.preserve, bool) or not isinstance(self.preserve, (int, float)) or not 0 <= self.preserve < math.inf:
       raise ValueError(f"MENDConfig.preserve must be a number >= 0 (0: no preservation term), got {self.preserve!r}")
     if self.preserve and self.aggregation != "least_squares":
       raise ValueError(f"MENDConfig.preserve weighs the ridge penalty of aggregation='least_squares'; "
