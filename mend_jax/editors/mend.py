@@ -96,10 +96,11 @@ class MEND(Editor):
 
   def prepare(self, state: EditorState, base_params, data, max_rows: int = 2048, batch_size: int = 32) -> EditorState:
     """With cfg.preserve: state with each layer's penalty root R = (I + gamma C~)^(-1/2)
-    (`capture.key_penalty_root`), C~ the second moment of the layer's input rows (the rows the
-    editor would see: `capture` and `masks`) over the locality examples of up to max_rows
-    records of `data` (an EditData, the training split) on the frozen base_params. Without
-    cfg.preserve: state unchanged."""
+    (`capture.key_penalty_root`), C~ the second moment of the layer's input rows over the
+    locality examples of up to max_rows records of `data` (an EditData, the training split) on
+    the frozen base_params: the rows `capture` keeps with rows=cfg.preserve_rows ("answer": the
+    positions where the locality answers are read, in every layer; "all": every row the editor
+    would see). Without cfg.preserve: state unchanged."""
     if not self.cfg.preserve:
       return state
     n = min(len(data), max_rows)
@@ -108,7 +109,7 @@ class MEND(Editor):
 
     @jax.jit
     def moments(base, batch, weight):  # the model is an argument: a closed-over one would be a constant
-      cap = self.capture(base, batch)
+      cap = self.capture(base, batch, rows=self.cfg.preserve_rows)
       masks = self.masks(cap)
       return {l.path: capture_lib.second_moment(cap.u[l.path], masks[l.path] & weight[:, None])
               for l in self.model.layers}
@@ -130,7 +131,7 @@ class MEND(Editor):
     return aux["preserve"][f"layer{i}"] if self.cfg.preserve else None
 
   # ---------------------------------------------------------------- pieces
-  def capture(self, params, batch) -> capture_lib.Capture:
+  def capture(self, params, batch, rows: str | None = None) -> capture_lib.Capture:
     """u [B,T',d_in] and delta [B,T',d_out] of the editable layers for the edit loss: the sum over the batch's edits of
     each edit's token-mean NLL, so one edit's delta has the same scale whatever k edits share the
     batch (`losses.nll_per_edit_sum`; the official code's batch token mean scales it by 1/k).
@@ -142,7 +143,8 @@ class MEND(Editor):
     # the read positions, so only those rows (B x P instead of B x T) go through the editor.
     # With rows="answer" every layer keeps only those rows (its other rows are dropped).
     # Padding slots of read_pos (read_mask 0) repeat position 0 and are zeroed.
-    local = self.model.head_local_paths if self.cfg.rows == "all" else tuple(self.model.layer_paths)
+    # rows: as cfg.rows unless given.
+    local = self.model.head_local_paths if (rows or self.cfg.rows) == "all" else tuple(self.model.layer_paths)
     if "read_pos" not in batch:
       local = ()
     rows = lambda x: x

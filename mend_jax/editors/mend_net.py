@@ -75,6 +75,9 @@ class MENDConfig:
     (`capture.key_penalty_root`; MEMIT's covariance term): the update then changes least what
     typical inputs produce. C~ is measured once on the frozen model before training
     (`MEND.prepare`) and stored with the editor.
+  preserve_rows: the locality examples' rows C~ is measured on: "answer" (the positions where
+    their answers are read, batch["read_pos"], in every edited layer) or "all" (every row the
+    editor would see with rows="all").
   """
 
   rank: int = 1920
@@ -95,6 +98,7 @@ class MENDConfig:
   chunk: int = 0
   edit_steps: int = 1
   preserve: float = 0.0
+  preserve_rows: str = "answer"
 
   def __post_init__(self):
     if self.rank < 1:
@@ -117,6 +121,8 @@ class MENDConfig:
       raise ValueError(f"MENDConfig.edit_steps must be an integer >= 1, got {self.edit_steps!r}")
     if isinstance(self.preserve, bool) or not isinstance(self.preserve, (int, float)) or not 0 <= self.preserve < math.inf:
       raise ValueError(f"MENDConfig.preserve must be a number >= 0 (0: no preservation term), got {self.preserve!r}")
+    if self.preserve_rows not in ROWS:
+      raise ValueError(f"MENDConfig.preserve_rows must be one of {ROWS}, got {self.preserve_rows!r}")
     if self.preserve and self.aggregation != "least_squares":
       raise ValueError(f"MENDConfig.preserve weighs the ridge penalty of aggregation='least_squares'; "
                        f"aggregation is {self.aggregation!r}")

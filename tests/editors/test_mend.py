@@ -393,22 +393,27 @@ def test_preserving_solve_matches_float64_and_spares_typical_inputs(n):
   assert ratio(kept) < 0.7 * ratio(plain)
 
 
-def test_preserving_editor_measures_its_inputs_and_edits_by_its_solve(synth_setup):
+@pytest.mark.parametrize("rows", ["answer", "all"])
+def test_preserving_editor_measures_its_inputs_and_edits_by_its_solve(synth_setup, rows):
   m, data = synth_setup["model"], synth_setup["data"]
-  ed = MEND(m, MENDConfig(rank=8, aggregation="least_squares", preserve=2.0, edit_lr=10.0))
+  ed = MEND(m, MENDConfig(rank=8, aggregation="least_squares", preserve=2.0, preserve_rows=rows, edit_lr=10.0))
   state = _randomize_net(ed.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(5))
   assert all(np.array_equal(r, np.eye(r.shape[0])) for r in state.aux["preserve"].values())
   prepared = ed.prepare(state, m.params, data, max_rows=6, batch_size=4)  # chunks of 4 and 2
   # Reference: every record's captured input rows one at a time, summed in float64.
   moments = {p: np.zeros((l.d_in, l.d_in)) for p, l in zip(m.layer_paths, m.layers)}
   counts = {p: 0.0 for p in m.layer_paths}
+  n_all = 0
   for j in range(6):
-    cap = ed.capture(m.params, data.loc.take([j]))
+    n_all += sum(int(np.sum(x)) for x in ed.masks(ed.capture(m.params, data.loc.take([j]), rows="all")).values())
+    cap = ed.capture(m.params, data.loc.take([j]), rows=rows)
     masks = ed.masks(cap)
     for p in m.layer_paths:
-      rows = np.asarray(cap.u[p], np.float64).reshape(-1, moments[p].shape[0])[np.asarray(masks[p]).reshape(-1)]
-      moments[p] += rows.T @ rows
-      counts[p] += len(rows)
+      x = np.asarray(cap.u[p], np.float64).reshape(-1, moments[p].shape[0])[np.asarray(masks[p]).reshape(-1)]
+      moments[p] += x.T @ x
+      counts[p] += len(x)
+  # "answer": only the positions where the locality answers are read, fewer than all rows.
+  assert (sum(counts.values()) < n_all) if rows == "answer" else (sum(counts.values()) == n_all)
   penalties = []
   for i, p in enumerate(m.layer_paths):
     assert counts[p] > 0
@@ -445,3 +450,5 @@ def test_bad_preserve_values_are_clear_errors():
       MENDConfig(aggregation="least_squares", preserve=bad)
   with pytest.raises(ValueError, match="aggregation='least_squares'"):
     MENDConfig(preserve=1.0)
+  with pytest.raises(ValueError, match="preserve_rows must be one of"):
+    MENDConfig(aggregation="least_squares", preserve=1.0, preserve_rows="first")
