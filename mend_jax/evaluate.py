@@ -9,6 +9,9 @@ of the logit agrees with the label):
   locality_drawdown:  pre - post;
   locality_unchanged: the share of the locality answers' predicted tokens (teacher forced) that
                       the edit leaves unchanged, averaged over locality examples (EasyEdit's locality);
+  locality_to_target: (sequence tasks) the share of those tokens that the edit changes to a token
+                      of the new targets of the edits applied with it: their answers leaking into
+                      unrelated prompts (part of 1 - locality_unchanged);
   ppl_pre, ppl_post:  (sequence tasks) perplexity of the locality labels before / after the edit,
                       exp of the token-mean NLL over all locality examples; ppl_drawdown = post - pre
                       (the paper's drawdown for generation);
@@ -77,6 +80,9 @@ def _compare(task, batch, before: dict, after: dict) -> dict:
   out = {"locality_acc_pre": before["locality_acc"], "locality_acc_post": after["locality_acc"],
          "locality_unchanged": losses.prediction_agreement(task, before["loc_logits"], after["loc_logits"],
                                                            batch["loc"])}
+  if task != "binary":
+    out["locality_to_target"] = losses.changed_to_targets(task, before["loc_logits"], after["loc_logits"],
+                                                          batch["loc"], batch["edit"]["labels"])
   if "loc_nll_sum" in after:
     out.update(loc_nll_pre=before["loc_nll_sum"], loc_nll_post=after["loc_nll_sum"], loc_tokens=after["loc_tokens"])
   if "text_nll_sum" in after:

@@ -167,6 +167,23 @@ def prediction_agreement(task: str, logits_a: jax.Array, logits_b: jax.Array,
   return jnp.where(jnp.sum(mask, -1) > 0, jnp.sum(same * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0), 1.0)
 
 
+def changed_to_targets(task: str, logits_a: jax.Array, logits_b: jax.Array, batch: Mapping[str, jax.Array],
+                       targets: jax.Array) -> jax.Array:
+  """Per example [B]: the share of its scored positions whose predicted token (argmax, teacher
+  forced) differs between the two logits and is, under logits_b, one of the tokens in `targets`
+  (any shape; IGNORE entries ignored). With the locality batch and the new targets' labels of the
+  edits applied between a and b: how much of the lost locality is the edits' new answers leaking
+  into other prompts (at most 1 - `prediction_agreement`). Examples with no scored token count 0."""
+  la, labels = _align(task, logits_a, batch)
+  lb, _ = _align(task, logits_b, batch)
+  mask = (labels != IGNORE).astype(jnp.float32)
+  pa, pb = jnp.argmax(la, -1), jnp.argmax(lb, -1)
+  t = targets.reshape(-1)
+  is_target = jnp.any((pb[..., None] == t) & (t != IGNORE), -1)
+  hit = ((pa != pb) & is_target).astype(jnp.float32)
+  return jnp.sum(hit * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+
+
 def kl_mask(task: str, batch: Mapping[str, jax.Array]) -> jax.Array:
   """Which positions the locality KL reads (see module docstring); [B,T], or [B,P] at read_pos."""
   if "kl_mask" in batch:

@@ -80,13 +80,24 @@ def _unchanged(m, before, after, view, rows) -> list[float]:
   return out
 
 
+def _to_target(m, before, after, view, rows, targets) -> list[float]:
+  """Per locality row: the share of its label positions whose argmax changes to a token of targets."""
+  out = []
+  for i in rows:
+    row = {key: jnp.asarray(v) for key, v in view.take([i]).items() if not key.startswith("read_")}
+    a, b = (np.asarray(jit_logits(m)(p, row))[0].argmax(-1) for p in (before, after))
+    pos = np.nonzero(np.asarray(row["labels"][0]) != -100)[0] - 1
+    out.append(float(np.mean([a[t] != b[t] and b[t] in targets for t in pos])))
+  return out
+
+
 def test_batched_k_matches_one_joint_edit_per_group(synth_setup, strong):
   m, d = synth_setup["model"], synth_setup["data"]
   ed, state = strong
   k, n = 3, 6
   text_rows = np.arange(10, 14)
   res = eval_lib.evaluate(ed, state, m.params, d, n_edits=n, k=k, text=d.loc.take(text_rows))
-  es, rel, unchanged = [], [], []
+  es, rel, unchanged, to_target = [], [], [], []
   nll_pre, toks = _nll64(m, m.params, d.loc, range(n))
   text_pre, text_toks = _nll64(m, m.params, d.loc, text_rows)
   nll_post = text_post = 0.0
@@ -96,12 +107,15 @@ def test_batched_k_matches_one_joint_edit_per_group(synth_setup, strong):
     es.append(_success(m, params, d.equiv, idx))
     rel.append(_success(m, params, d.edit, idx))
     unchanged += _unchanged(m, m.params, params, d.loc, idx)
+    labels = d.edit.take(idx)["labels"]
+    to_target += _to_target(m, m.params, params, d.loc, idx, set(labels[labels != -100].tolist()))
     nll_post += _nll64(m, params, d.loc, idx)[0]
     text_post += _nll64(m, params, d.loc, text_rows)[0]
   assert res["edit_success"] == pytest.approx(np.mean(es))
   assert res["reliability"] == pytest.approx(np.mean(rel))
   assert res["locality_unchanged"] == pytest.approx(np.mean(unchanged))
   assert res["locality_unchanged"] < 0.5  # this editor's large step changes most predictions
+  assert res["locality_to_target"] == pytest.approx(np.mean(to_target))
   # A tiny step changes few or none: the metric is not a constant.
   small = state._replace(params={**state.params, "alpha": state.params["alpha"] * 1e-6})
   res_small = eval_lib.evaluate(ed, small, m.params, d, n_edits=n, k=k)

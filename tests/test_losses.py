@@ -188,3 +188,19 @@ def test_losses_at_read_positions_equal_full(name):
   assert float(a["kl"]) > 0
   for k in ("nll", "per_edit", "em", "kl"):
     np.testing.assert_allclose(np.asarray(r[k]), np.asarray(a[k]), rtol=2e-5, atol=1e-7, err_msg=k)
+
+
+def test_changed_to_targets_counts_only_changes_to_a_new_target():
+  # Causal LM: logits at position t predict labels[t + 1]; labels 1..3 are scored in row 0, none in row 1.
+  labels = jnp.asarray([[-100, 5, 6, 7], [-100, -100, -100, -100]])
+  batch = {"labels": labels, "input_ids": jnp.zeros((2, 4), jnp.int32), "attention_mask": jnp.ones((2, 4), jnp.int32)}
+  before = jax.nn.one_hot(jnp.asarray([[5, 6, 7, 0], [1, 1, 1, 1]]), 10)
+  after = jax.nn.one_hot(jnp.asarray([[5, 2, 9, 3], [9, 9, 9, 9]]), 10)  # position 1 -> 2 (no target), 2 -> 9 (a target)
+  targets = jnp.asarray([[-100, 9, 3], [-100, -100, 4]])  # 3 is a target but position 3 is not scored
+  got = losses.changed_to_targets("causal_lm", before, after, batch, targets)
+  np.testing.assert_allclose(np.asarray(got), [1 / 3, 0.0])
+  agree = losses.prediction_agreement("causal_lm", before, after, batch)
+  np.testing.assert_allclose(np.asarray(agree), [1 / 3, 1.0])
+  # Unchanged predictions never count, even when they are a target token.
+  same = losses.changed_to_targets("causal_lm", after, after, batch, targets)
+  np.testing.assert_array_equal(np.asarray(same), [0.0, 0.0])
