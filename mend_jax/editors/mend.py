@@ -123,7 +123,7 @@ class MEND(Editor):
     roots = {f"layer{i}": jnp.asarray(capture_lib.key_penalty_root(*total[l.path], self.cfg.preserve))
              for i, l in enumerate(self.model.layers)}
     old = state.aux["preserve"]
-    roots = {k: jax.device_put(v, old[k].sharding) if hasattr(old[k], "sharding") else v for k, v in roots.items()}
+    roots = {k: jax.device_put(v, old[k].sharding) for k, v in roots.items()}  # where init placed them
     return EditorState(state.params, {**state.aux, "preserve": roots})
 
   def _precond(self, aux: Mapping, i: int):
@@ -136,6 +136,8 @@ class MEND(Editor):
     each edit's token-mean NLL, so one edit's delta has the same scale whatever k edits share the
     batch (`losses.nll_per_edit_sum`; the official code's batch token mean scales it by 1/k).
     T' = T, or the read positions P in layers that keep only those, or T-1 in a causal LM (below)."""
+    if rows not in (None, "all", "answer"):
+      raise ValueError(f"MEND.capture: rows must be None (cfg.rows), 'all' or 'answer', got {rows!r}")
     task = self.model.task
     cap = capture_lib.capture(self.model, params, batch,
                               loss_fn=lambda logits, b: losses.nll_per_edit_sum(task, logits, b))
@@ -147,16 +149,16 @@ class MEND(Editor):
     local = self.model.head_local_paths if (rows or self.cfg.rows) == "all" else tuple(self.model.layer_paths)
     if "read_pos" not in batch:
       local = ()
-    rows = lambda x: x
+    at_read = lambda x: x
     if local:
       pos = batch["read_pos"].astype(jnp.int32)[:, :, None]
       keep = (batch["read_mask"] != 0)[:, :, None]
-      rows = lambda x: jnp.where(keep, jnp.take_along_axis(x, pos, axis=1), 0)
+      at_read = lambda x: jnp.where(keep, jnp.take_along_axis(x, pos, axis=1), 0)
     # A causal LM predicts nothing from its last position, so every layer's delta is exactly zero
     # there: the other layers drop that row before the editor (B x (T-1) rows).
     rest = (lambda x: x[:, :-1]) if task == "causal_lm" else (lambda x: x)
-    u = {p: rows(x) if p in local else rest(x) for p, x in cap.u.items()}
-    delta = {p: rows(x) if p in local else rest(x) for p, x in cap.delta.items()}
+    u = {p: at_read(x) if p in local else rest(x) for p, x in cap.u.items()}
+    delta = {p: at_read(x) if p in local else rest(x) for p, x in cap.delta.items()}
     return cap._replace(u=u, delta=delta)
 
   def masks(self, cap: capture_lib.Capture) -> dict[str, jax.Array]:
@@ -308,13 +310,11 @@ class MEND(Editor):
     for i, layer in enumerate(self.model.layers):
       u_t, d_t = (x.reshape(-1, x.shape[-1]).astype(jnp.float32) for x in factors[layer.path])
       if self.cfg.aggregation == "least_squares":
+        # With a penalty root R: R (K R)^T X, X the dual solve on the keys K R; left factor (K R R)^T.
         r = self._precond(state.aux, i)
-        if r is None:
-          d_t = capture_lib.least_squares_dual(u_t, d_t, state.params["log_lambda"][i])
-        else:  # R (K R)^T X with X the dual solve on the keys K R: left factor (K R R)^T
-          u_t = u_t @ r
-          d_t = capture_lib.least_squares_dual(u_t, d_t, state.params["log_lambda"][i])
-          u_t = u_t @ r
+        u_t = u_t if r is None else u_t @ r
+        d_t = capture_lib.least_squares_dual(u_t, d_t, state.params["log_lambda"][i])
+        u_t = u_t if r is None else u_t @ r
       elif self.cfg.aggregation == "malmen":  # K^T (K K^T + lambda I)^-1 V: left factor the real keys
         keys = self._keys(cap, masks, layer.path)
         d_t = capture_lib.least_squares_dual(keys, capture_lib.malmen_values(keys, u_t, d_t),
