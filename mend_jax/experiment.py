@@ -79,9 +79,13 @@ def prepare(config, progress: Callable | None = None) -> Task:
 def _prepare(config, progress: Callable | None = None) -> Task:
   if config.task not in TASKS:
     raise ValueError(f"config.task must be one of {TASKS}, got {config.task!r}")
-  if config.task != "synthetic" and int(config.data.targets_per_fact) != 1:
-    raise ValueError(f"config.data.targets_per_fact={config.data.targets_per_fact} applies to the synthetic task "
-                     f"only (its world knows the other targets); this config's task is {config.task!r}")
+  n_targets = int(config.data.targets_per_fact)
+  if n_targets < 1:
+    raise ValueError(f"config.data.targets_per_fact must be >= 1, got {n_targets}")
+  if n_targets != 1 and (config.task not in ("synthetic", "facts") or _data_path(config, "train_path")):
+    raise ValueError(f"config.data.targets_per_fact={n_targets} applies to the synthetic and real-facts benchmarks "
+                     f"only (they know each fact's other possible targets); this config's task is {config.task!r}"
+                     + (" with the user's edits in data.train_path" if config.task == "facts" else ""))
   if config.task == "facts":
     return _prepare_facts(config)
   if config.task != "synthetic":
@@ -101,8 +105,6 @@ def _prepare(config, progress: Callable | None = None) -> Task:
   if model.max_length is not None and max_len > model.max_length:
     raise ValueError(f"data.max_len={max_len} exceeds the model's context of {model.max_length}")
   n_targets = int(config.data.targets_per_fact)
-  if n_targets < 1:
-    raise ValueError(f"config.data.targets_per_fact must be >= 1, got {n_targets}")
   records = {s: benchmark.load_records(paths[s]) for s in ("train", "val", "test")}
   if n_targets > 1:
     records["train"] = world_lib.with_more_targets(benchmark.load_world(data_dir), records["train"], n_targets,
@@ -143,6 +145,8 @@ def _prepare_facts(config) -> Task:
   else:
     splits = realfacts.build(seed)
     train, val, test = splits["train"], splits["val"], splits["test"]
+    if int(config.data.targets_per_fact) > 1:
+      train = realfacts.with_more_targets(train, int(config.data.targets_per_fact), seed)
     names = {k: f"real-facts {k}" for k in ("train", "val", "test")}
     passages = realfacts.passages(realfacts.subjects(seed)["test"], limit=16)  # about 50 tokens each
     text = encode_texts(tokenizer, passages, 56, "real-facts passages").take(np.arange(len(passages)))

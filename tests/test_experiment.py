@@ -120,13 +120,27 @@ def test_the_config_names_the_editor_and_its_section(synth_setup):
     experiment.make_editor(ml_collections.ConfigDict({"alg": "enn", "enn": {"lrr": 1}}), m)
 
 
-def test_targets_per_fact_is_an_error_outside_the_synthetic_task():
+def test_targets_per_fact_is_an_error_where_the_other_targets_are_unknown(tmp_path):
   from mend_jax.configs import facts as facts_config
+  from mend_jax.configs import zsre as zsre_config
 
   c = facts_config.get_config()
+  users = tmp_path / "edits.json"
+  users.write_text("[]")
   with c.unlocked():
     c.data.targets_per_fact = 4
-  with pytest.raises(ValueError, match=r"targets_per_fact=4 applies to the synthetic task only.*'facts'"):
+    c.data.train_path = str(users)
+  with pytest.raises(ValueError, match=r"targets_per_fact=4 applies to the synthetic and real-facts benchmarks only"
+                                       r".*'facts' with the user's edits in data.train_path"):
+    experiment.prepare(c)
+  z = zsre_config.get_config()
+  with z.unlocked():
+    z.data.targets_per_fact = 2
+  with pytest.raises(ValueError, match=r"targets_per_fact=2 applies to the synthetic and real-facts.*'zsre'$"):
+    experiment.prepare(z)
+  with c.unlocked():
+    c.data.targets_per_fact = 0
+  with pytest.raises(ValueError, match=r"targets_per_fact must be >= 1, got 0"):
     experiment.prepare(c)
 
 

@@ -11,6 +11,7 @@ records use them, as paraphrases.
 value of another subject for the same relation), rephrase (another phrasing of the same fact),
 answers ([the true value]), loc / loc_ans (a true fact about another subject of the same split,
 any relation), plus subject and relation. Subjects are disjoint across the splits (70/10/20).
+`with_more_targets` gives each training fact several such records, one per new target.
 """
 
 from __future__ import annotations
@@ -128,4 +129,42 @@ def build(seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
         })
     rng.shuffle(records)
     out[split] = records
+  return out
+
+
+def with_more_targets(records: list[dict], n: int, seed: int = 0) -> list[dict]:
+  """``records`` (from `build`, one split) with ``n - 1`` more records per fact after each: the same
+  subject and relation with another counterfactual target of that relation, another pair of the
+  relation's seen phrasings and another locality fact about a subject of these records.
+
+  Every returned record gets ``group`` = "subject|relation", so that a training batch holds at most
+  one edit of a fact (`EditData.sample`). The targets of one fact do not repeat while the relation
+  has values left (the continent relation has about ten).
+  """
+  if n < 1:
+    raise ValueError(f"targets per fact must be >= 1, got {n}")
+  table = facts()
+  pools = {r: sorted({v[r] for v in table.values()}) for r in RELATIONS}
+  names = sorted({r["subject"] for r in records})
+  rng = random.Random(f"realfacts-more-targets-{seed}")
+  out = []
+  for r in records:
+    s, rel = r["subject"], r["relation"]
+    if s not in table or rel not in RELATIONS:
+      raise ValueError(f"record {r.get('src')!r}: subject {s!r} / relation {rel!r} is not a fact of the real-facts "
+                       f"benchmark (relations {sorted(RELATIONS)})")
+    group = f"{s}|{rel}"
+    out.append({**r, "group": group})
+    pool = [v for v in pools[rel] if v not in (table[s][rel], r["alt"])]
+    alts = rng.sample(pool, min(n - 1, len(pool))) + [rng.choice(pool) for _ in range(n - 1 - len(pool))]
+    seen = RELATIONS[rel][:-HELD_OUT]
+    others = [x for x in names if x != s]
+    if n > 1 and not others:
+      raise ValueError(f"{n} targets per fact need records of at least two subjects (for locality facts); got only {s!r}")
+    for alt in alts:
+      a, b = rng.sample(range(len(seen)), 2)
+      loc_s, loc_rel = rng.choice(others), rng.choice(sorted(RELATIONS))
+      out.append({**r, "group": group, "alt": alt, "src": seen[a].format(s=s), "rephrase": seen[b].format(s=s),
+                  "loc": RELATIONS[loc_rel][rng.randrange(len(seen))].format(s=loc_s),
+                  "loc_ans": table[loc_s][loc_rel], "loc_subject": loc_s, "loc_relation": loc_rel})
   return out
