@@ -7,8 +7,8 @@
     (overrides of the tiny Hugging Face config), pretrain (PretrainConfig: the synthetic base model);
   data: max_len, train_path, val_path, test_path (and the task's extra files: nq_path,
     loc_train_path, loc_val_path, min_words), world (WorldConfig: the synthetic world),
-    targets_per_fact (synthetic: training records per fact, each with its own new target; a
-    training batch holds at most one of them),
+    targets_per_fact (the synthetic world and the real-facts benchmark: training records per fact,
+    each with its own new target; a training batch holds at most one of them),
     cache_activations ("": off; "memory" or "disk": the hidden state entering the lowest edited
     block, computed once per record, so training and evaluation run only the edited blocks and
     the head; "disk" keeps memory-mapped files in the work directory), cache_dtype;
