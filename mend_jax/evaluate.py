@@ -12,6 +12,10 @@ of the logit agrees with the label):
   locality_to_target: (sequence tasks) the share of those tokens that the edit changes to a token
                       of the new targets of the edits applied with it: their answers leaking into
                       unrelated prompts (part of 1 - locality_unchanged);
+  locality_to_other_targets: (batched, sequence tasks) the same count against the new targets of the
+                      k test records that follow the batch, edits not applied: the share that
+                      changes land on such tokens by chance (relations with few possible answers
+                      share most of them between batches), the baseline for locality_to_target;
   ppl_pre, ppl_post:  (sequence tasks) perplexity of the locality labels before / after the edit,
                       exp of the token-mean NLL over all locality examples; ppl_drawdown = post - pre
                       (the paper's drawdown for generation);
@@ -83,6 +87,9 @@ def _compare(task, batch, before: dict, after: dict) -> dict:
   if task != "binary":
     out["locality_to_target"] = losses.changed_to_targets(task, before["loc_logits"], after["loc_logits"],
                                                           batch["loc"], batch["edit"]["labels"])
+    if "other_targets" in batch:
+      out["locality_to_other_targets"] = losses.changed_to_targets(task, before["loc_logits"], after["loc_logits"],
+                                                                   batch["loc"], batch["other_targets"])
   if "loc_nll_sum" in after:
     out.update(loc_nll_pre=before["loc_nll_sum"], loc_nll_post=after["loc_nll_sum"], loc_tokens=after["loc_tokens"])
   if "text_nll_sum" in after:
@@ -148,6 +155,16 @@ def _n_edits(data: EditData, n_edits: int | None, k: int) -> int:
   return n
 
 
+def _other_targets(data: EditData, idx: np.ndarray) -> np.ndarray:
+  """The new targets' labels of the len(idx) records after idx (cyclically), for
+  locality_to_other_targets; rows that are records of idx itself (a split shorter than 2k) are
+  ignored."""
+  other = (idx[-1] + 1 + np.arange(len(idx))) % len(data)
+  labels = np.array(data.edit.take(other)["labels"])
+  labels[np.isin(other, idx)] = losses.IGNORE
+  return labels
+
+
 def evaluate(editor: Editor, state: EditorState, base_params, data: EditData, n_edits: int | None = None,
              k: int = 1, text: dict | None = None) -> dict[str, Any]:
   """Batched editing: k test edits at a time, each batch applied to the unedited model.
@@ -165,6 +182,8 @@ def evaluate(editor: Editor, state: EditorState, base_params, data: EditData, n_
   text_pre = None if text is None else np.asarray(_text_nll(editor)(state, base_params, text))
   for start in range(0, n, k):
     batch = data.batch(np.arange(start, start + k))
+    if editor.model.task != "binary":
+      batch["other_targets"] = _other_targets(data, np.arange(start, start + k))
     if text is not None:
       batch["text"] = text
       out.setdefault("text_nll_pre", []).append(text_pre)

@@ -7,6 +7,7 @@ import pytest
 
 from mend_jax import evaluate as eval_lib
 from mend_jax import losses, report
+from mend_jax.data.batches import EditData
 from mend_jax.editors import MEND, MENDConfig
 
 from conftest import jit_logits
@@ -97,7 +98,7 @@ def test_batched_k_matches_one_joint_edit_per_group(synth_setup, strong):
   k, n = 3, 6
   text_rows = np.arange(10, 14)
   res = eval_lib.evaluate(ed, state, m.params, d, n_edits=n, k=k, text=d.loc.take(text_rows))
-  es, rel, unchanged, to_target = [], [], [], []
+  es, rel, unchanged, to_target, to_other = [], [], [], [], []
   nll_pre, toks = _nll64(m, m.params, d.loc, range(n))
   text_pre, text_toks = _nll64(m, m.params, d.loc, text_rows)
   nll_post = text_post = 0.0
@@ -109,6 +110,8 @@ def test_batched_k_matches_one_joint_edit_per_group(synth_setup, strong):
     unchanged += _unchanged(m, m.params, params, d.loc, idx)
     labels = d.edit.take(idx)["labels"]
     to_target += _to_target(m, m.params, params, d.loc, idx, set(labels[labels != -100].tolist()))
+    other = d.edit.take(np.arange(start + k, start + 2 * k))["labels"]  # the next k records' targets, not applied
+    to_other += _to_target(m, m.params, params, d.loc, idx, set(other[other != -100].tolist()))
     nll_post += _nll64(m, params, d.loc, idx)[0]
     text_post += _nll64(m, params, d.loc, text_rows)[0]
   assert res["edit_success"] == pytest.approx(np.mean(es))
@@ -116,6 +119,16 @@ def test_batched_k_matches_one_joint_edit_per_group(synth_setup, strong):
   assert res["locality_unchanged"] == pytest.approx(np.mean(unchanged))
   assert res["locality_unchanged"] < 0.5  # this editor's large step changes most predictions
   assert res["locality_to_target"] == pytest.approx(np.mean(to_target))
+  assert res["locality_to_other_targets"] == pytest.approx(np.mean(to_other))
+  # Records followed by copies of themselves: the targets not applied are the batch's own, so the
+  # two counts agree; a split of just the batch has no other records to count against.
+  recs = list(d.records[:k])
+  twice = eval_lib.evaluate(ed, state, m.params, EditData.from_records(recs * 2, synth_setup["tok"], 24), n_edits=k, k=k)
+  assert twice["locality_to_target"] > 0
+  assert twice["locality_to_other_targets"] == pytest.approx(twice["locality_to_target"])
+  once = eval_lib.evaluate(ed, state, m.params, EditData.from_records(recs, synth_setup["tok"], 24), k=k)
+  assert once["locality_to_target"] == pytest.approx(twice["locality_to_target"])
+  assert once["locality_to_other_targets"] == 0.0
   # A tiny step changes few or none: the metric is not a constant.
   small = state._replace(params={**state.params, "alpha": state.params["alpha"] * 1e-6})
   res_small = eval_lib.evaluate(ed, small, m.params, d, n_edits=n, k=k)
