@@ -13,9 +13,9 @@ of the logit agrees with the label):
                       of the new targets of the edits applied with it: their answers leaking into
                       unrelated prompts (part of 1 - locality_unchanged);
   locality_to_other_targets: (batched, sequence tasks) the same count against the new targets of the
-                      k test records that follow the batch, edits not applied: the share that
-                      changes land on such tokens by chance (relations with few possible answers
-                      share most of them between batches), the baseline for locality_to_target;
+                      k test records that follow the batch, edits not applied: how often a change
+                      lands on such a token by chance (relations with few possible answers share
+                      most of them between batches), the baseline for locality_to_target;
   ppl_pre, ppl_post:  (sequence tasks) perplexity of the locality labels before / after the edit,
                       exp of the token-mean NLL over all locality examples; ppl_drawdown = post - pre
                       (the paper's drawdown for generation);
