@@ -104,7 +104,6 @@ def _prepare(config, progress: Callable | None = None) -> Task:
   max_len = int(config.data.max_len)
   if model.max_length is not None and max_len > model.max_length:
     raise ValueError(f"data.max_len={max_len} exceeds the model's context of {model.max_length}")
-  n_targets = int(config.data.targets_per_fact)
   records = {s: benchmark.load_records(paths[s]) for s in ("train", "val", "test")}
   if n_targets > 1:
     records["train"] = world_lib.with_more_targets(benchmark.load_world(data_dir), records["train"], n_targets,
@@ -145,8 +144,9 @@ def _prepare_facts(config) -> Task:
   else:
     splits = realfacts.build(seed)
     train, val, test = splits["train"], splits["val"], splits["test"]
-    if int(config.data.targets_per_fact) > 1:
-      train = realfacts.with_more_targets(train, int(config.data.targets_per_fact), seed)
+    n_targets = int(config.data.targets_per_fact)
+    if n_targets > 1:
+      train = realfacts.with_more_targets(train, n_targets, seed)
     names = {k: f"real-facts {k}" for k in ("train", "val", "test")}
     passages = realfacts.passages(realfacts.subjects(seed)["test"], limit=16)  # about 50 tokens each
     text = encode_texts(tokenizer, passages, 56, "real-facts passages").take(np.arange(len(passages)))

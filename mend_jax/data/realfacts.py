@@ -146,6 +146,8 @@ def with_more_targets(records: list[dict], n: int, seed: int = 0) -> list[dict]:
   table = facts()
   pools = {r: sorted({v[r] for v in table.values()}) for r in RELATIONS}
   names = sorted({r["subject"] for r in records})
+  if n > 1 and len(names) < 2:
+    raise ValueError(f"{n} targets per fact need records of at least two subjects (for locality facts); got {names}")
   rng = random.Random(f"realfacts-more-targets-{seed}")
   out = []
   for r in records:
@@ -159,8 +161,6 @@ def with_more_targets(records: list[dict], n: int, seed: int = 0) -> list[dict]:
     alts = rng.sample(pool, min(n - 1, len(pool))) + [rng.choice(pool) for _ in range(n - 1 - len(pool))]
     seen = RELATIONS[rel][:-HELD_OUT]
     others = [x for x in names if x != s]
-    if n > 1 and not others:
-      raise ValueError(f"{n} targets per fact need records of at least two subjects (for locality facts); got only {s!r}")
     for alt in alts:
       a, b = rng.sample(range(len(seen)), 2)
       loc_s, loc_rel = rng.choice(others), rng.choice(sorted(RELATIONS))

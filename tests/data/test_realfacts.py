@@ -62,6 +62,6 @@ def test_more_targets_per_fact_give_distinct_counterfactuals_grouped_by_fact():
   with pytest.raises(ValueError, match="targets per fact must be >= 1, got 0"):
     realfacts.with_more_targets(train, 0)
   with pytest.raises(ValueError, match=r"subject 'Atlantis' / relation 'capital' is not a fact"):
-    realfacts.with_more_targets([{**train[0], "subject": "Atlantis", "relation": "capital"}], 2)
+    realfacts.with_more_targets([{**train[0], "subject": "Atlantis", "relation": "capital"}, train[1]], 2)
   with pytest.raises(ValueError, match="at least two subjects"):
     realfacts.with_more_targets([train[0]], 2)
