@@ -404,9 +404,10 @@ def test_preserving_editor_measures_its_inputs_and_edits_by_its_solve(synth_setu
   moments = {p: np.zeros((l.d_in, l.d_in)) for p, l in zip(m.layer_paths, m.layers)}
   counts = {p: 0.0 for p in m.layer_paths}
   n_all = 0
+  capture = jax.jit(ed.capture, static_argnames="rows")  # one record's capture, compiled once per rows
   for j in range(6):
-    n_all += sum(int(np.sum(x)) for x in ed.masks(ed.capture(m.params, data.loc.take([j]), rows="all")).values())
-    cap = ed.capture(m.params, data.loc.take([j]), rows=rows)
+    n_all += sum(int(np.sum(x)) for x in ed.masks(capture(m.params, data.loc.take([j]), rows="all")).values())
+    cap = capture(m.params, data.loc.take([j]), rows=rows)
     masks = ed.masks(cap)
     for p in m.layer_paths:
       x = np.asarray(cap.u[p], np.float64).reshape(-1, moments[p].shape[0])[np.asarray(masks[p]).reshape(-1)]
@@ -423,7 +424,7 @@ def test_preserving_editor_measures_its_inputs_and_edits_by_its_solve(synth_setu
   # The edit: W - alpha lambda (K^T K + lambda P)^-1 K^T D with K, D the editor's pseudo factors.
   batch = data.edit.take([6, 7])
   new, _ = ed.jit_edit(prepared, m.params, batch)
-  factors = ed.pseudo_factors(prepared.params["net"], prepared.aux, ed.capture(m.params, batch))
+  factors = ed.pseudo_factors(prepared.params["net"], prepared.aux, capture(m.params, batch))
   w0, w1 = tree.get_leaves(m.params, m.layer_paths), tree.get_leaves(new, m.layer_paths)
   for i, layer in enumerate(m.layers):
     k, v = (np.asarray(x, np.float64) for x in factors[layer.path])
