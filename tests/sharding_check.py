@@ -73,16 +73,33 @@ def synthetic(root: str):
 
 def training(out: dict, root: str) -> None:
   model, data = synthetic(root)
-  ed = editors.make("mend", model, {"rank": 8})
+  # The least-squares editor with the key-preservation term: `prepare` measures its penalty roots
+  # on the (sharded) base model, and training, checkpoints and evaluation carry them.
+  ed = editors.make("mend", model, {"rank": 8, "aggregation": "least_squares", "preserve": 2.0})
   cfg = train.TrainConfig(lr=1e-3, lr_lr=1e-3, accumulate=1, max_steps=4, n_edits=4, n_loc=8, val_every=4,
                           n_val=2, log_every=1, ckpt_every=2, patience=100)
   tx = train.make_optimizer(cfg, ed)
   batch = data.sample(0, 0, cfg.n_edits, cfg.n_loc)
-  single, m1 = train.make_train_step(ed, cfg)(train.init_state(ed, tx, 0, model.params), model.params, batch)
+
+  def prepared(state, base):
+    return state._replace(editor=ed.prepare(state.editor, base, data, max_rows=12, batch_size=8))
+
+  start = prepared(train.init_state(ed, tx, 0, model.params), model.params)
+  want_roots = jax.device_get(start.editor.aux["preserve"])  # the step donates `start`
+  single, m1 = train.make_train_step(ed, cfg)(start, model.params, batch)
   mesh = sharding.make_mesh(4, 2)
   params = sharding.shard_params(model, model.params, mesh)
   for shard_editor in (False, True):
     state = train.init_state(ed, tx, 0, params, mesh, shard_editor)
+    placed = {k: v.sharding for k, v in state.editor.aux["preserve"].items()}
+    state = prepared(state, params)
+    roots = state.editor.aux["preserve"]
+    out[f"prepare/shard_editor={shard_editor}"] = {
+        "max_diff": max_diff(want_roots, roots),
+        "not_identity": max_diff(roots, train.init_state(ed, tx, 0).editor.aux["preserve"]),
+        "same_sharding": all(roots[k].sharding.is_equivalent_to(placed[k], 2) for k in roots),
+        "n_devices": len(next(iter(roots.values())).sharding.device_set),
+    }
     new, m2 = train.make_train_step(ed, cfg, None, mesh, shard_editor)(state, params, sharding.shard_batch(batch, mesh))
     out[f"train_step/shard_editor={shard_editor}"] = {
         "max_diff": max_diff(single.editor.params, new.editor.params),

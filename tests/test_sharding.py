@@ -1,5 +1,6 @@
-"""Device meshes: on 8 simulated CPU devices (a subprocess, tests/sharding_check.py) a sharded edit
-and a sharded training step equal the single-device ones, parameters really are split, and a
+"""Device meshes: on 8 simulated CPU devices (a subprocess, tests/sharding_check.py) a sharded edit,
+the preservation term measured on a sharded model and a sharded training step equal the
+single-device ones, parameters really are split, and a
 checkpoint saved on a (4, 2) mesh restores onto (8, 1) and onto one device; in this process, the
 placement rules and their errors."""
 
@@ -41,6 +42,14 @@ def test_a_sharded_edit_equals_the_single_device_edit(measured, family):
   assert r["n_devices"] == 8 and r["split_params"] >= r["n_params"] // 3
   assert r["split_edited"] >= 6 and r["same_sharding"]
   assert r["batch_split"] >= 3
+
+
+@pytest.mark.parametrize("shard_editor", [False, True])
+def test_the_preservation_term_measured_on_a_mesh_equals_one_device(measured, shard_editor):
+  r = measured[f"prepare/shard_editor={shard_editor}"]
+  # Second moments of O(1) inputs summed over a few hundred rows, then an eigendecomposition.
+  assert r["not_identity"] > 1e-2 and r["max_diff"] <= 1e-4
+  assert r["same_sharding"] and r["n_devices"] == 8
 
 
 @pytest.mark.parametrize("shard_editor", [False, True])
