@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 from typing import Any, Mapping
@@ -406,6 +407,33 @@ class LoadedEditor:
       raise ValueError(f"edit_steps applies to MEND editors; this one is {self.editor.name!r}")
     editor = editors.make(self.editor.name, self.editor.model, dataclasses.replace(self.editor.cfg, edit_steps=n))
     return dataclasses.replace(self, editor=editor)
+
+  def protecting(self, base_params, data, preserve: float | None = None) -> "LoadedEditor":
+    """The same trained least-squares MEND editor keeping the facts of `data` (an EditData; its
+    locality examples): the key-preservation term (`MENDConfig.preserve`) re-measured on them with
+    `MEND.prepare` on `base_params`, with gamma `preserve` (None: the trained gamma). No
+    retraining; works for an editor trained without the term when a gamma is given. The layers'
+    capacity is shared: the facts the term is measured on are kept better, others less."""
+    cfg = self.editor.cfg
+    if getattr(cfg, "aggregation", None) != "least_squares":
+      raise ValueError(f"protecting facts re-measures the preservation term of a MEND editor with "
+                       f"aggregation='least_squares'; this one is {self.editor.name!r}"
+                       + (f" with aggregation={cfg.aggregation!r}" if hasattr(cfg, "aggregation") else ""))
+    gamma = cfg.preserve if preserve is None else preserve
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
+      raise ValueError(f"preserve (the gamma of the term that keeps the protected facts) must be a number > 0"
+                       + ("; this editor was trained without the term, so give one" if not cfg.preserve else "")
+                       + f", got {preserve!r}")
+    if len(data) == 0:
+      raise ValueError("the facts to protect are empty: expected at least one record")
+    editor = editors.make(self.editor.name, self.editor.model, dataclasses.replace(cfg, preserve=float(gamma)))
+    state = self.state
+    if "preserve" not in state.aux:  # trained without the term: identity roots, placed as the editor's alpha
+      where = state.params["alpha"].sharding
+      state = EditorState(state.params, {**state.aux, "preserve": {
+          f"layer{i}": jax.device_put(jnp.eye(layer.d_in, dtype=jnp.float32), where)
+          for i, layer in enumerate(self.editor.model.layers)}})
+    return dataclasses.replace(self, editor=editor, state=editor.prepare(state, base_params, data, max_rows=len(data)))
 
   def _tok(self):
     if self.tokenizer is None:

@@ -156,7 +156,7 @@ def _print_edit(shown: Mapping) -> None:
 
 def _print_results(res: Mapping) -> None:
   keys = ("edit_success", "reliability", "locality_acc_pre", "locality_acc_post", "locality_drawdown",
-          "ppl_pre", "ppl_post", "time_per_edit_s")
+          "locality_unchanged", "locality_protected", "ppl_pre", "ppl_post", "time_per_edit_s")
   print("results on the %s split (%d edits): %s" % (res.get("split", "test"), res.get("n_test_edits", 0), ", ".join(
       f"{k}={res[k]:.4f}" for k in keys if isinstance(res.get(k), (int, float)))))
 
@@ -177,13 +177,16 @@ writes WORKDIR/results.json and shows one edit. Rerunning the same command resum
   mend-train --workdir runs/z --config zsre:t5-small --config.alg=enn --config.train.max_steps=500
 """
 EVALUATE_USAGE = """Evaluates the editor saved in WORKDIR on a split: batched edits, k at once
-(eval_SPLIT_kK[_nN].json; training's results.json is left as it was), or with --ks a sweep of
-batched and sequential editing (results_k.json, results_k.md, k_sweep.png).
+(eval_SPLIT_kK[_nN][_stepsS][_protectP_preserveG].json; training's results.json is left as it
+was), or with --ks a sweep of batched and sequential editing (results_k.json, results_k.md,
+k_sweep.png).
 
   mend-evaluate --workdir runs/demo [--split test] [--k 1] [--n 200]
   mend-evaluate --workdir runs/demo --ks 1,5,25,125
   mend-evaluate --workdir runs/demo --stream --k 10 --n 480         (lifelong editing)
   mend-evaluate --workdir runs/ls_k125 --k 125 --edit_steps 3         (MEND applied 3 times per edit)
+  mend-evaluate --workdir runs/ls_k125 --k 125 --protect val --preserve 30
+                      (least squares: keep the val split's facts; adds locality_protected)
 """
 EDIT_USAGE = """Applies one edit with the editor saved in WORKDIR and prints greedy answers before and after.
 
@@ -239,9 +242,13 @@ def evaluate(argv: list[str] | None = None) -> None:
   every = flags.DEFINE_integer("every", 10, "with --stream: batches between measurements")
   steps = flags.DEFINE_integer("edit_steps", 0, "MEND: apply the editor this many times per edit, each on the "
                                "weights the step before left (0: as it was trained)")
+  protect = flags.DEFINE_enum("protect", None, ["train", "val", "test"], "least-squares MEND: keep this split's "
+                              "facts, the preservation term re-measured on its locality examples (no retraining); "
+                              "adds locality_protected")
+  preserve = flags.DEFINE_float("preserve", None, "with --protect: the term's gamma (default: as trained)")
   argv = sys.argv if argv is None else argv
   _show_in_help(argv[0], EVALUATE_USAGE, ["workdir", "split", "k", "n", "ks", "sequential", "stream", "every",
-                                          "edit_steps"])
+                                          "edit_steps", "protect", "preserve"])
 
   def main(_):
     _setup_logging()
@@ -251,6 +258,9 @@ def evaluate(argv: list[str] | None = None) -> None:
         raise ValueError(f"--k must be >= 1 (edits applied at once), got {k.value}")
       if n.value == 0 or n.value < -1:
         raise ValueError(f"--n must be -1 (the whole split) or >= 1, got {n.value}")
+      if (protect.value or preserve.value is not None) and (stream.value or ks.value):
+        raise ValueError("--protect and --preserve apply to batched evaluation (--k), not to --stream or --ks")
+      experiment.check_protect(split.value, protect.value, preserve.value)
       config = _stored_config(workdir.value)
       config.eval.n_test = n.value
       config.eval.edit_steps = steps.value
@@ -269,10 +279,12 @@ def evaluate(argv: list[str] | None = None) -> None:
         print(report.ks_table(res))
         print("wrote", os.path.join(workdir.value, f"results_k{experiment.steps_suffix(config)}.json"))
         return
-      res = experiment.evaluate_workdir(config, workdir.value, split=split.value, k=k.value)
+      res = experiment.evaluate_workdir(config, workdir.value, split=split.value, k=k.value, protect=protect.value,
+                                        preserve=preserve.value)
       # Its own file: results.json holds the training run's results and stays as it was.
       name = (f"eval_{split.value}_k{k.value}" + (f"_n{n.value}" if n.value > 0 else "")
-              + (f"_steps{steps.value}" if steps.value else "") + ".json")
+              + (f"_steps{steps.value}" if steps.value else "")
+              + (f"_protect{protect.value}_preserve{res['preserve']:g}" if protect.value else "") + ".json")
       path = report.write_json(os.path.join(workdir.value, name), res)
       _print_results(res)
       print("wrote", path)

@@ -16,6 +16,10 @@ of the logit agrees with the label):
                       k test records that follow the batch, edits not applied: how often a change
                       lands on such a token by chance (relations with few possible answers share
                       most of them between batches), the baseline for locality_to_target;
+  locality_protected: with `protected` (an EditData of facts to keep, e.g. the split a preservation
+                      term was measured on: `checkpoint.LoadedEditor.protecting`), the share of
+                      its locality answers' predicted tokens each batch leaves unchanged, over
+                      min(k, len(protected)) of its examples per batch, taken in order and cycling;
   ppl_pre, ppl_post:  (sequence tasks) perplexity of the locality labels before / after the edit,
                       exp of the token-mean NLL over all locality examples; ppl_drawdown = post - pre
                       (the paper's drawdown for generation);
@@ -122,8 +126,13 @@ def make_eval_fn(editor: Editor):
     new_params, _ = editor.edit(state, pre, batch["edit"], check=False)
     before = _scores(task, editor.model.logits, pre, _without_text(batch))
     after = _scores(task, editor.model.logits, new_params, batch)
-    return {"edit_success": after["edit_success"], "reliability": after["reliability"],
-            **_compare(task, batch, before, after)}
+    out = {"edit_success": after["edit_success"], "reliability": after["reliability"],
+           **_compare(task, batch, before, after)}
+    if "protected" in batch:
+      rows = batch["protected"]
+      out["locality_protected"] = losses.prediction_agreement(
+          task, editor.model.logits(pre, rows), editor.model.logits(new_params, rows), rows)
+    return out
 
   return jax.jit(fn)
 
@@ -166,12 +175,14 @@ def _other_targets(data: EditData, idx: np.ndarray) -> np.ndarray:
 
 
 def evaluate(editor: Editor, state: EditorState, base_params, data: EditData, n_edits: int | None = None,
-             k: int = 1, text: dict | None = None) -> dict[str, Any]:
+             k: int = 1, text: dict | None = None, protected: EditData | None = None) -> dict[str, Any]:
   """Batched editing: k test edits at a time, each batch applied to the unedited model.
 
   Args:
     text: an optional batch of plain passages (e.g. `data.batches.encode_texts(...).take(...)`)
       whose perplexity is measured before and after each edit.
+    protected: optional facts to keep (locality_protected); batch b (edits b*k .. b*k + k - 1)
+      reads their locality examples b*k .. b*k + m - 1 (mod their number), m = min(k, their number).
   Returns the metrics of the module docstring averaged over the first n_edits records (all by
   default; rounded down to a multiple of k), with n_test_edits, edits_per_batch and peak_rss_gb.
   """
@@ -187,6 +198,8 @@ def evaluate(editor: Editor, state: EditorState, base_params, data: EditData, n_
     if text is not None:
       batch["text"] = text
       out.setdefault("text_nll_pre", []).append(text_pre)
+    if protected is not None:
+      batch["protected"] = protected.loc.take((start + np.arange(min(k, len(protected)))) % len(protected))
     for key, v in eval_fn(state, base_params, batch).items():
       out.setdefault(key, []).append(np.asarray(v))
     t0 = time.perf_counter()

@@ -33,6 +33,7 @@ from mend_jax.synthetic import world as world_lib
 from mend_jax.synthetic.world import WorldConfig
 
 TASKS = ("synthetic", "facts", "zsre", "fever", "wikitext")
+SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass
@@ -352,16 +353,39 @@ def _loaded(workdir: str, task: Task, config=None) -> ckpt_lib.LoadedEditor:
   return loaded.with_loc_pool(loc_pool(task.train)) if loaded.editor.needs_loc_pool else loaded
 
 
+def check_protect(split: str, protect: str | None, preserve: float | None) -> None:
+  """Raises ValueError unless `protect` (None, or a split other than the evaluated `split`) and
+  `preserve` (None, or given with protect) are arguments `evaluate_workdir` accepts."""
+  if protect is not None and protect not in SPLITS:
+    raise ValueError(f"protect must be one of {SPLITS} (the split whose facts to keep), got {protect!r}")
+  if protect is not None and protect == split:
+    raise ValueError(f"protect={protect!r} is the evaluated split: its locality examples would be both the facts "
+                     "the term keeps and the ones locality is measured on; protect another split")
+  if preserve is not None and protect is None:
+    raise ValueError("preserve (the gamma of the protecting term) needs protect (the split whose facts to keep)")
+
+
 def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str = "test",
-                     k: int | None = None) -> dict:
-  """Batched evaluation (`evaluate.evaluate`) of the editor saved in workdir on a split."""
+                     k: int | None = None, protect: str | None = None, preserve: float | None = None) -> dict:
+  """Batched evaluation (`evaluate.evaluate`) of the editor saved in workdir on a split.
+
+  protect: another split whose facts the edits keep (`LoadedEditor.protecting`: a least-squares
+  editor's preservation term re-measured on its locality examples, with gamma `preserve`, None: as
+  trained); the results add locality_protected, measured on that split's locality examples."""
+  check_protect(split, protect, preserve)
   task = task or prepare(config)
   loaded = _loaded(workdir, task, config)
+  protected = None
+  if protect is not None:
+    protected = getattr(task, protect)
+    loaded = loaded.protecting(task.model.params, protected, preserve)
   task = with_cached_activations(config, task, loaded.editor, workdir, (split,))
   data = getattr(task, split)
   n = int(config.eval.n_test) if int(config.eval.n_test) > 0 else None
   res = eval_lib.evaluate(loaded.editor, loaded.state, task.model.params, data, n_edits=n,
-                          k=int(config.eval.k if k is None else k), text=task.text)
+                          k=int(config.eval.k if k is None else k), text=task.text, protected=protected)
+  if protect is not None:
+    res.update(protect=protect, preserve=loaded.editor.cfg.preserve)
   res["alg"] = loaded.editor.name
   res["split"] = split
   if hasattr(loaded.editor.cfg, "edit_steps"):

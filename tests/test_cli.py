@@ -50,7 +50,8 @@ def test_a_workdir_that_is_a_file_and_bad_evaluate_flags_are_one_line(tmp_path):
   r = subprocess.run([sys.executable, "-m", "mend_jax.cli", "train", f"--workdir={afile}"], cwd=ROOT,
                      capture_output=True, text=True, env=ENV)
   assert r.returncode == 2 and r.stderr.startswith("error: ") and "is a file; expected a directory" in r.stderr
-  for flag, message in (("--k=0", "--k must be >= 1"), ("--n=0", "--n must be -1")):
+  for flag, message in (("--k=0", "--k must be >= 1"), ("--n=0", "--n must be -1"),
+                        ("--protect=test", "protect='test' is the evaluated split")):
     r = subprocess.run([sys.executable, "-m", "mend_jax.cli", "evaluate", f"--workdir={tmp_path}", flag], cwd=ROOT,
                        capture_output=True, text=True, env=ENV)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

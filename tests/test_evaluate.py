@@ -97,8 +97,10 @@ def test_batched_k_matches_one_joint_edit_per_group(synth_setup, strong):
   ed, state = strong
   k, n = 3, 6
   text_rows = np.arange(10, 14)
-  res = eval_lib.evaluate(ed, state, m.params, d, n_edits=n, k=k, text=d.loc.take(text_rows))
-  es, rel, unchanged, to_target, to_other = [], [], [], [], []
+  # Facts to keep: 4 records after the edited ones; batch b reads their locality rows 3b, 3b+1, 3b+2 mod 4.
+  keep = EditData.from_records(list(d.records[20:24]), synth_setup["tok"], 24)
+  res = eval_lib.evaluate(ed, state, m.params, d, n_edits=n, k=k, text=d.loc.take(text_rows), protected=keep)
+  es, rel, unchanged, to_target, to_other, protected = [], [], [], [], [], []
   nll_pre, toks = _nll64(m, m.params, d.loc, range(n))
   text_pre, text_toks = _nll64(m, m.params, d.loc, text_rows)
   nll_post = text_post = 0.0
@@ -112,6 +114,7 @@ def test_batched_k_matches_one_joint_edit_per_group(synth_setup, strong):
     to_target += _to_target(m, m.params, params, d.loc, idx, set(labels[labels != -100].tolist()))
     other = d.edit.take(np.arange(start + k, start + 2 * k))["labels"]  # the next k records' targets, not applied
     to_other += _to_target(m, m.params, params, d.loc, idx, set(other[other != -100].tolist()))
+    protected += _unchanged(m, m.params, params, keep.loc, [(start + j) % 4 for j in range(k)])
     nll_post += _nll64(m, params, d.loc, idx)[0]
     text_post += _nll64(m, params, d.loc, text_rows)[0]
   assert res["edit_success"] == pytest.approx(np.mean(es))
@@ -120,6 +123,7 @@ def test_batched_k_matches_one_joint_edit_per_group(synth_setup, strong):
   assert res["locality_unchanged"] < 0.5  # this editor's large step changes most predictions
   assert res["locality_to_target"] == pytest.approx(np.mean(to_target))
   assert res["locality_to_other_targets"] == pytest.approx(np.mean(to_other))
+  assert res["locality_protected"] == pytest.approx(np.mean(protected)) and res["locality_protected"] < 1.0
   # Records followed by copies of themselves: the targets not applied are the batch's own, so the
   # two counts agree; a split of just the batch has no other records to count against.
   recs = list(d.records[:k])

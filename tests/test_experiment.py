@@ -120,6 +120,17 @@ def test_the_config_names_the_editor_and_its_section(synth_setup):
     experiment.make_editor(ml_collections.ConfigDict({"alg": "enn", "enn": {"lrr": 1}}), m)
 
 
+def test_protecting_arguments_are_checked_before_anything_loads():
+  experiment.check_protect("test", "val", 30.0)
+  experiment.check_protect("val", "train", None)
+  experiment.check_protect("test", None, None)
+  for args, message in ((("test", "test", None), "is the evaluated split"),
+                        (("test", "holdout", None), "protect must be one of"),
+                        (("test", None, 3.0), "needs protect")):
+    with pytest.raises(ValueError, match=message):
+      experiment.check_protect(*args)
+
+
 def test_targets_per_fact_is_an_error_where_the_other_targets_are_unknown(tmp_path):
   from mend_jax.configs import facts as facts_config
   from mend_jax.configs import zsre as zsre_config

@@ -445,6 +445,52 @@ def test_preserving_editor_measures_its_inputs_and_edits_by_its_solve(synth_setu
   assert plain.prepare(st, m.params, data) is st and "preserve" not in st.aux
 
 
+def test_protecting_re_measures_the_term_on_the_chosen_facts_and_keeps_them(synth_setup):
+  """An editor trained without the term, given one at edit time on two records' locality facts:
+  the edited matrices then barely change their outputs at those facts' inputs, relative to other
+  facts' inputs, where without the term the two change alike."""
+  import dataclasses
+  from mend_jax.checkpoint import LoadedEditor
+  from mend_jax.data.batches import EditData
+  m, data = synth_setup["model"], synth_setup["data"]
+  ed = MEND(m, MENDConfig(rank=8, aggregation="least_squares", edit_lr=10.0))
+  plain = LoadedEditor(ed, _randomize_net(ed.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(5)), {})
+  keep = EditData.from_records(list(data.records[:2]), synth_setup["tok"], 24)
+  kept = plain.protecting(m.params, keep, preserve=1e3)
+  assert kept.editor.cfg.preserve == 1e3 and kept.editor.cfg == dataclasses.replace(ed.cfg, preserve=1e3)
+  assert "preserve" not in plain.state.aux  # the original is unchanged
+  assert all(np.abs(np.asarray(r) - np.eye(r.shape[0])).max() > 0.1 for r in kept.state.aux["preserve"].values())
+  capture_fn = jax.jit(ed.capture, static_argnames="rows")
+
+  def inputs(view, rows):  # each edited layer's input rows at the locality answers' read positions
+    cap = capture_fn(m.params, view.take(rows), rows="answer")
+    masks = ed.masks(cap)
+    return {p: np.asarray(cap.u[p], np.float64).reshape(-1, l.d_in)[np.asarray(masks[p]).reshape(-1)]
+            for p, l in zip(m.layer_paths, m.layers)}
+
+  kept_x, other_x = inputs(keep.loc, [0, 1]), inputs(data.loc, np.arange(10, 20))
+  batch = data.edit.take([6, 7])
+  w0 = tree.get_leaves(m.params, m.layer_paths)
+  ratios = {}
+  for name, loaded in (("plain", plain), ("kept", kept)):
+    w1 = tree.get_leaves(loaded.edit(m.params, batch)[0], m.layer_paths)
+    ratios[name] = []
+    for layer in m.layers:
+      dw = np.asarray(w1[layer.path], np.float64) - np.asarray(w0[layer.path], np.float64)
+      dw = dw if layer.layout == "in_out" else dw.T  # [d_in, d_out]
+      change = lambda x: np.mean(np.linalg.norm(x @ dw, axis=1) / np.linalg.norm(x, axis=1))
+      ratios[name].append(change(kept_x[layer.path]) / change(other_x[layer.path]))
+  assert min(ratios["plain"]) > 0.2  # without the term the kept facts' inputs change like the others
+  assert max(ratios["kept"]) < 0.05 * min(ratios["plain"])
+  with pytest.raises(ValueError, match="trained without the term, so give one"):
+    plain.protecting(m.params, keep)
+  with pytest.raises(ValueError, match="must be a number > 0"):
+    plain.protecting(m.params, keep, preserve=-1.0)
+  summed = MEND(m, MENDConfig(rank=8))
+  with pytest.raises(ValueError, match="aggregation='least_squares'"):
+    LoadedEditor(summed, summed.init(jax.random.PRNGKey(0)), {}).protecting(m.params, keep, preserve=1.0)
+
+
 def test_bad_preserve_values_are_clear_errors():
   for bad in (-1.0, True, "1", float("nan")):
     with pytest.raises(ValueError, match="preserve must be a number >= 0"):
