@@ -74,6 +74,10 @@ class TrainConfig:
   log_every: int = 20
   ckpt_every: int = 200
   kl_positions: str = "answer"  # "answer": positions predicting loc_ans; "all": every non-pad token
+  # MEND's key-preservation term: this share of the training split's locality subjects (records, when they
+  # name none) is measured by the term only and never read by the locality KL, so training meets locality
+  # facts the term was not measured on, as held-out evaluation does. 0: every example serves both.
+  preserve_share: float = 0.0
 
   def __post_init__(self):
     losses.check_kl_positions(self.kl_positions)
@@ -89,6 +93,9 @@ class TrainConfig:
       raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
     if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
       raise ValueError(f"train.warmup must be an integer >= 0, got {self.warmup!r}")
+    if isinstance(self.preserve_share, bool) or not isinstance(self.preserve_share, (int, float)) \
+        or not 0 <= self.preserve_share < 1:
+      raise ValueError(f"train.preserve_share must be a number in [0, 1), got {self.preserve_share!r}")
     if self.c_edit < 0 or self.c_loc < 0:
       raise ValueError(f"train.c_edit and train.c_loc must be >= 0, got {self.c_edit} and {self.c_loc}")
 
@@ -260,6 +267,12 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
   if not editor.frozen_prefix and (train.edit.hidden is not None or val.edit.hidden is not None):
     raise ValueError(f"editor {editor.name!r} changes the blocks below the edited layers; train it without cached "
                      "activations")
+  term_rows = loc_pool = None
+  if cfg.preserve_share:
+    if not getattr(getattr(editor, "cfg", None), "preserve", 0):
+      raise ValueError(f"train.preserve_share sets locality examples aside for MEND's preservation term, but editor "
+                       f"{editor.name!r} has none (--config.mend.preserve=GAMMA with aggregation='least_squares')")
+    term_rows, loc_pool = train.locality_split(cfg.preserve_share, seed)
   run = {**dict(meta or {}), **ckpt_lib.fingerprint(editor, base_params)}
   ckpt_lib.check_workdir(workdir, run)  # refuse a directory of another run before writing anything
   os.makedirs(workdir, exist_ok=True)
@@ -269,7 +282,8 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
   if mngr.latest_step() is None:
     state, extra = init_state(editor, tx, seed, base_params, mesh, shard_editor), {}
     # Statistics of the frozen model the editor measures once (MEND's key-preservation term).
-    state = state._replace(editor=editor.prepare(state.editor, base_params, train))
+    measured = train if term_rows is None else train.subset(term_rows)
+    state = state._replace(editor=editor.prepare(state.editor, base_params, measured))
     if os.path.exists(metrics_path):
       os.remove(metrics_path)  # rows of a run that never reached a checkpoint
   else:  # shapes first, restored into: the state is allocated once
@@ -294,7 +308,7 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
   bookkeeping = lambda: {"best_val": best_val, "bad_vals": bad_vals}
   with open(metrics_path, "a") as log:
     while step < cfg.max_steps:
-      batch = train.sample(seed, step, cfg.n_edits, cfg.n_loc)
+      batch = train.sample(seed, step, cfg.n_edits, cfg.n_loc, loc_pool)
       ckpt_lib.crash_point("compile" if step == first else "step", step)
       state, m = train_step(state, base_params, _on(mesh, batch))
       step += 1

@@ -82,6 +82,11 @@ def test_fit_refuses_an_editor_with_nothing_to_train(synth_setup, tmp_path):
   ft = editors.make("ft", synth_setup["model"], {})
   with pytest.raises(ValueError, match="nothing to train"):
     train.fit(ft, TCFG, synth_setup["model"].params, synth_setup["data"], synth_setup["data"], str(tmp_path))
+  # Locality examples set aside for a preservation term the editor does not have.
+  with pytest.raises(ValueError, match="preserve_share .* has none"):
+    train.fit(synth_setup["editor"], dataclasses.replace(TCFG, preserve_share=0.5), synth_setup["model"].params,
+              synth_setup["data"], synth_setup["data"], str(tmp_path / "share"))
+  assert not os.path.exists(tmp_path / "share")  # refused before anything is written
 
 
 def test_a_run_that_skips_most_steps_fails_loudly_and_writes_strict_json(synth_setup, tmp_path):
@@ -115,7 +120,8 @@ def test_stale_checkpoints_are_removed_when_the_directory_is_opened(synth_setup,
 
 
 @pytest.mark.parametrize("field,value", [("val_every", 0), ("max_steps", 0), ("max_steps", -5), ("n_val", 0),
-                                         ("accumulate", 0), ("lr", 0.0), ("kl_positions", "some")])
+                                         ("accumulate", 0), ("lr", 0.0), ("kl_positions", "some"),
+                                         ("preserve_share", 1.0), ("preserve_share", -0.1)])
 def test_train_config_rejects_values_that_would_train_nothing(field, value):
   with pytest.raises(ValueError, match=field):
     train.TrainConfig(**{field: value})
@@ -152,14 +158,20 @@ def test_validation_applies_n_edits_edits_at_once(synth_setup):
   assert seen == [(len(d), TCFG.n_loc)]
 
 
-def test_training_measures_the_preservation_term_once_and_checkpoints_it(synth_setup, tmp_path):
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_training_measures_the_preservation_term_once_and_checkpoints_it(synth_setup, tmp_path, share):
   m, d = synth_setup["model"], synth_setup["data"]
   ed = editors.make("mend", m, {"rank": 8, "aggregation": "least_squares", "preserve": 1.0})
-  cfg = dataclasses.replace(TCFG, max_steps=2, val_every=2, ckpt_every=2)
+  cfg = dataclasses.replace(TCFG, max_steps=2, val_every=2, ckpt_every=2, preserve_share=share)
   state, _ = train.fit(ed, cfg, m.params, d, d, str(tmp_path))
-  want = ed.prepare(ed.init(jax.random.PRNGKey(0)), m.params, d).aux["preserve"]
+  # With a share, the term is measured on the records whose locality subjects were set aside only.
+  measured = d.subset(d.locality_split(share, 0)[0]) if share else d
+  want = ed.prepare(ed.init(jax.random.PRNGKey(0)), m.params, measured).aux["preserve"]
   for k, r in want.items():
     assert not np.allclose(r, np.eye(r.shape[0]), atol=1e-3)  # measured, not the identity it starts as
   chex.assert_trees_all_close(state.editor.aux["preserve"], want, rtol=1e-6, atol=1e-7)  # fixed during training
+  if share:
+    every = ed.prepare(ed.init(jax.random.PRNGKey(0)), m.params, d).aux["preserve"]
+    assert max(float(np.abs(every[k] - want[k]).max()) for k in want) > 1e-2  # not all of the split
   loaded = ckpt_lib.load_editor(str(tmp_path), m)
   chex.assert_trees_all_equal(loaded.state.aux["preserve"], state.editor.aux["preserve"])

@@ -73,6 +73,12 @@ class Tokenized:
   def __len__(self):
     return self.input_ids.shape[0]
 
+  def rows(self, idx) -> "Tokenized":
+    """The arrays of rows idx (in that order) as a Tokenized of their own."""
+    idx = np.asarray(idx)
+    return dataclasses.replace(self, **{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
+                                        if getattr(self, f.name) is not None})
+
 
 def read_positions(labels: np.ndarray, kl_mask: np.ndarray | None = None, seq2seq: bool = False):
   """The positions whose logits some loss or metric reads, per row: (read_pos, read_mask), [N,P].
@@ -342,10 +348,35 @@ class EditData:
         records=tuple(records),
     )
 
-  def batch(self, idx, loc_idx=None) -> dict[str, dict[str, np.ndarray]]:
+  def subset(self, idx) -> "EditData":
+    """The records at idx (in that order), with their tokenised views (and cached activations)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    return EditData(edit=self.edit.rows(idx), equiv=self.equiv.rows(idx), loc=self.loc.rows(idx),
+                    records=tuple(self.records[i] for i in idx))
+
+  def locality_split(self, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, other rows): a seeded random `share` of the locality subjects (`loc_subject`; each
+    record is its own unit when the records do not all name one) and the records whose locality
+    examples ask about them, then the rest. Both are sorted and non-empty."""
+    if not 0 < share < 1:
+      raise ValueError(f"the share of locality subjects to set aside must be in (0, 1), got {share!r}")
+    if all("loc_subject" in r for r in self.records):
+      keys = [r["loc_subject"] for r in self.records]
+    else:
+      keys = list(range(len(self.records)))
+    units = sorted(set(keys), key=str)
+    n = int(round(share * len(units)))
+    if not 0 < n < len(units):
+      raise ValueError(f"a share of {share} of {len(units)} locality subjects leaves one side empty")
+    chosen = {units[i] for i in np.random.default_rng([seed, 7]).permutation(len(units))[:n]}
+    mask = np.asarray([k in chosen for k in keys])
+    return np.flatnonzero(mask), np.flatnonzero(~mask)
+
+  def batch(self, idx, loc_idx=None, loc_pool=None) -> dict[str, dict[str, np.ndarray]]:
     """{"edit", "equiv", "loc"} batches for the records at idx (locality rows loc_idx, default idx;
-    a locality row about a fact that one of the edits changes is replaced, `unedited_locality`)."""
-    loc_idx = self.unedited_locality(idx, idx if loc_idx is None else loc_idx)
+    a locality row about a fact that one of the edits changes is replaced, `unedited_locality`,
+    by one of loc_pool's rows if given)."""
+    loc_idx = self.unedited_locality(idx, idx if loc_idx is None else loc_idx, loc_pool)
     return {"edit": self.edit.take(idx), "equiv": self.equiv.take(idx), "loc": self.loc.take(loc_idx)}
 
   @functools.cached_property
@@ -360,17 +391,19 @@ class EditData:
     loc = np.asarray([ids.setdefault((r["loc_subject"], r["loc_relation"]), len(ids)) for r in self.records])
     return edit, loc
 
-  def unedited_locality(self, edit_idx, loc_idx) -> np.ndarray:
+  def unedited_locality(self, edit_idx, loc_idx, pool=None) -> np.ndarray:
     """loc_idx with every row whose locality example asks about a fact edited by a record at edit_idx
-    replaced by the next row (cyclically) whose example does not. Such an example is not a
-    locality test: the edits are meant to change its answer (with k edits out of n facts, about
-    k/n of the locality rows would be). Unchanged when the records do not name their facts, or
-    when every row's example is about an edited fact (logged)."""
+    replaced by the next row (cyclically; of `pool`, sorted row indices, if given) whose example
+    does not. Such an example is not a locality test: the edits are meant to change its answer
+    (with k edits out of n facts, about k/n of the locality rows would be). Unchanged when the
+    records do not name their facts, or when every row's example is about an edited fact (logged)."""
     loc_idx = np.asarray(loc_idx)
     if self._facts is None:
       return loc_idx
     edit_fact, loc_fact = self._facts
     good = np.flatnonzero(~np.isin(loc_fact, edit_fact[np.asarray(edit_idx)]))
+    if pool is not None:
+      good = np.intersect1d(good, pool)
     if len(good) == 0:  # e.g. a whole small split edited at once: nothing better to measure with
       logging.warning("every locality example of these %d records asks about one of the %d edited facts; "
                       "locality is measured on them as they are", len(self), len(np.asarray(edit_idx)))
@@ -443,9 +476,10 @@ class EditData:
       members.setdefault(r.get("group", ("row", i)), []).append(i)
     return [np.asarray(m) for m in members.values()]
 
-  def sample(self, seed: int, step: int, n_edits: int, n_loc: int):
+  def sample(self, seed: int, step: int, n_edits: int, n_loc: int, loc_pool=None):
     """The training batch of `step`: a pure function of (seed, step). When records carry a
-    "group" (several edits of one fact), the edits come from distinct groups, one row each."""
+    "group" (several edits of one fact), the edits come from distinct groups, one row each.
+    loc_pool: the rows whose locality examples may be drawn (sorted; default all)."""
     rng = np.random.default_rng([seed, step])
     groups = self._groups
     if groups is None:
@@ -453,5 +487,8 @@ class EditData:
     else:
       picked = rng.choice(len(groups), size=n_edits, replace=len(groups) < n_edits)
       idx = np.asarray([groups[g][rng.integers(len(groups[g]))] for g in picked])
-    loc_idx = rng.choice(len(self), size=n_loc, replace=len(self) < n_loc)
-    return self.batch(idx, loc_idx)
+    if loc_pool is None:
+      loc_idx = rng.choice(len(self), size=n_loc, replace=len(self) < n_loc)
+    else:
+      loc_idx = rng.choice(loc_pool, size=n_loc, replace=len(loc_pool) < n_loc)
+    return self.batch(idx, loc_idx, loc_pool)

@@ -238,3 +238,37 @@ def test_locality_rows_never_ask_about_an_edited_fact(synth_setup):
   plain = [{k: v for k, v in r.items() if k not in ("loc_subject", "loc_relation")} for r in recs]
   d2 = B.EditData.from_records(plain, synth_setup["tok"], 24)
   np.testing.assert_array_equal(d2.unedited_locality(idx, idx), idx)
+
+
+def test_locality_split_sets_subjects_aside_and_training_draws_only_the_others(synth_setup):
+  data = synth_setup["data"]
+  recs = data.records
+  term, kl = data.locality_split(0.5, seed=0)
+  assert len(term) and len(kl) and sorted(np.concatenate([term, kl]).tolist()) == list(range(len(recs)))
+  term_subjects, kl_subjects = ({recs[i]["loc_subject"] for i in rows} for rows in (term, kl))
+  assert not term_subjects & kl_subjects  # whole subjects on one side
+  assert len(term_subjects) == round(0.5 * len(term_subjects | kl_subjects))
+  np.testing.assert_array_equal(data.locality_split(0.5, seed=0)[0], term)  # seeded
+  assert not np.array_equal(data.locality_split(0.5, seed=1)[0], term)
+  # The subset carries each chosen record's views and the record itself, in order.
+  sub = data.subset(term[::-1])
+  assert sub.records == tuple(recs[i] for i in term[::-1])
+  for view in ("edit", "equiv", "loc"):
+    np.testing.assert_array_equal(getattr(sub, view).take([1])["input_ids"], getattr(data, view).take([term[-2]])["input_ids"])
+  # Training batches read locality examples of the other side only, also where an example about
+  # an edited fact is swapped for another.
+  allowed = {tuple(r) for r in data.loc.take(kl)["input_ids"]}
+  for step in range(20):
+    batch = data.sample(0, step, n_edits=len(recs) // 2, n_loc=16, loc_pool=kl)
+    assert all(tuple(r) in allowed for r in batch["loc"]["input_ids"])
+  idx = np.arange(len(recs) // 2)
+  assert set(data.unedited_locality(idx, idx, kl)) <= set(kl.tolist())
+  # Records that name no locality subject are split one by one.
+  plain = [{k: v for k, v in r.items() if k != "loc_subject"} for r in recs[:10]]
+  term, kl = B.EditData.from_records(plain, synth_setup["tok"], 24).locality_split(0.3, seed=0)
+  assert len(term) == 3 and len(kl) == 7
+  for share in (0.0, 1.0, -0.5):
+    with pytest.raises(ValueError, match="must be in"):
+      data.locality_split(share, seed=0)
+  with pytest.raises(ValueError, match="leaves one side empty"):
+    B.EditData.from_records(plain, synth_setup["tok"], 24).locality_split(0.01, seed=0)
