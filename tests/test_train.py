@@ -159,11 +159,18 @@ def test_validation_applies_n_edits_edits_at_once(synth_setup):
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5])
-def test_training_measures_the_preservation_term_once_and_checkpoints_it(synth_setup, tmp_path, share):
+def test_training_measures_the_preservation_term_once_and_checkpoints_it(synth_setup, tmp_path, share, monkeypatch):
   m, d = synth_setup["model"], synth_setup["data"]
   ed = editors.make("mend", m, {"rank": 8, "aggregation": "least_squares", "preserve": 1.0})
   cfg = dataclasses.replace(TCFG, max_steps=2, val_every=2, ckpt_every=2, preserve_share=share)
+  pools = []  # the locality rows each training batch may draw
+  sample = type(d).sample
+  monkeypatch.setattr(type(d), "sample", lambda self, *a, **kw: pools.append(a[4] if len(a) > 4 else
+                                                                             kw.get("loc_pool")) or sample(self, *a, **kw))
   state, _ = train.fit(ed, cfg, m.params, d, d, str(tmp_path))
+  assert len(pools) == 2
+  for pool in pools:  # with a share, only the other subjects' examples; else all of them
+    assert (pool is None) if not share else np.array_equal(pool, d.locality_split(share, 0)[1])
   # With a share, the term is measured on the records whose locality subjects were set aside only.
   measured = d.subset(d.locality_split(share, 0)[0]) if share else d
   want = ed.prepare(ed.init(jax.random.PRNGKey(0)), m.params, measured).aux["preserve"]

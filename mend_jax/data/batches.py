@@ -368,7 +368,8 @@ class EditData:
     n = int(round(share * len(units)))
     if not 0 < n < len(units):
       raise ValueError(f"a share of {share} of {len(units)} locality subjects leaves one side empty")
-    chosen = {units[i] for i in np.random.default_rng([seed, 7]).permutation(len(units))[:n]}
+    # A stream of its own: `sample` draws step s from [seed, s], and no run reaches 2^40 steps.
+    chosen = {units[i] for i in np.random.default_rng([seed, 1 << 40]).permutation(len(units))[:n]}
     mask = np.asarray([k in chosen for k in keys])
     return np.flatnonzero(mask), np.flatnonzero(~mask)
 
@@ -405,8 +406,9 @@ class EditData:
     if pool is not None:
       good = np.intersect1d(good, pool)
     if len(good) == 0:  # e.g. a whole small split edited at once: nothing better to measure with
-      logging.warning("every locality example of these %d records asks about one of the %d edited facts; "
-                      "locality is measured on them as they are", len(self), len(np.asarray(edit_idx)))
+      logging.warning("every locality example of these %d records%s asks about one of the %d edited facts; "
+                      "locality is measured on them as they are", len(self) if pool is None else len(pool),
+                      "" if pool is None else " (of the locality pool)", len(np.asarray(edit_idx)))
       return loc_idx
     bad = ~np.isin(loc_idx, good)
     out = loc_idx.copy()
