@@ -284,8 +284,7 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
     # Statistics of the frozen model the editor measures once (MEND's key-preservation term).
     measured = train
     if term_rows is not None:  # without cached activations: a subset of memory-mapped ones would load into memory
-      measured = dataclasses.replace(train, **{v: dataclasses.replace(getattr(train, v), hidden=None)
-                                               for v in ("edit", "equiv", "loc")}).subset(term_rows)
+      measured = train.without_cached_activations().subset(term_rows)
     state = state._replace(editor=editor.prepare(state.editor, base_params, measured))
     if os.path.exists(metrics_path):
       os.remove(metrics_path)  # rows of a run that never reached a checkpoint

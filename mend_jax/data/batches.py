@@ -349,10 +349,16 @@ class EditData:
     )
 
   def subset(self, idx) -> "EditData":
-    """The records at idx (in that order), with their tokenised views (and cached activations)."""
+    """The records at idx (in that order), with their tokenised views (and cached activations,
+    copied into memory: see `without_cached_activations`)."""
     idx = np.asarray(idx, dtype=np.int64)
     return EditData(edit=self.edit.rows(idx), equiv=self.equiv.rows(idx), loc=self.loc.rows(idx),
                     records=tuple(self.records[i] for i in idx))
+
+  def without_cached_activations(self) -> "EditData":
+    """This data without its cached activations (batches then run the whole model); the rest is shared."""
+    return dataclasses.replace(self, **{v: dataclasses.replace(getattr(self, v), hidden=None)
+                                        for v in ("edit", "equiv", "loc")})
 
   def locality_split(self, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, other rows): a seeded random `share` of the locality subjects (`loc_subject`; each
