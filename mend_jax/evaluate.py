@@ -187,6 +187,8 @@ def evaluate(editor: Editor, state: EditorState, base_params, data: EditData, n_
   default; rounded down to a multiple of k), with n_test_edits, edits_per_batch and peak_rss_gb.
   """
   n = _n_edits(data, n_edits, k)
+  if protected is not None and len(protected) == 0:
+    raise ValueError("protected: expected at least one record of facts to keep, got none")
   eval_fn, edit_fn = make_eval_fn(editor), editors.jit_edit(editor, from_base=True)
   out: dict[str, list] = {}
   times = []

@@ -124,6 +124,8 @@ def test_batched_k_matches_one_joint_edit_per_group(synth_setup, strong):
   assert res["locality_to_target"] == pytest.approx(np.mean(to_target))
   assert res["locality_to_other_targets"] == pytest.approx(np.mean(to_other))
   assert res["locality_protected"] == pytest.approx(np.mean(protected)) and res["locality_protected"] < 1.0
+  with pytest.raises(ValueError, match="protected: expected at least one record"):
+    eval_lib.evaluate(ed, state, m.params, d, n_edits=n, k=k, protected=keep.subset([]))
   # Records followed by copies of themselves: the targets not applied are the batch's own, so the
   # two counts agree; a split of just the batch has no other records to count against.
   recs = list(d.records[:k])

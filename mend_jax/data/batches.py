@@ -352,6 +352,8 @@ class EditData:
     """The records at idx (in that order), with their tokenised views (and cached activations,
     copied into memory: see `without_cached_activations`)."""
     idx = np.asarray(idx, dtype=np.int64)
+    if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= len(self))):
+      raise ValueError(f"subset: expected a list of row indices in [0, {len(self)}), got {idx.tolist()!r}")
     return EditData(edit=self.edit.rows(idx), equiv=self.equiv.rows(idx), loc=self.loc.rows(idx),
                     records=tuple(self.records[i] for i in idx))
 

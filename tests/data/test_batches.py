@@ -255,6 +255,9 @@ def test_locality_split_sets_subjects_aside_and_training_draws_only_the_others(s
   assert sub.records == tuple(recs[i] for i in term[::-1])
   for view in ("edit", "equiv", "loc"):
     np.testing.assert_array_equal(getattr(sub, view).take([1])["input_ids"], getattr(data, view).take([term[-2]])["input_ids"])
+  for bad in ([len(recs)], [-1], [[0, 1]]):
+    with pytest.raises(ValueError, match=r"subset: expected a list of row indices in \[0, "):
+      data.subset(bad)
   # Training batches read locality examples of the other side only, also where an example about
   # an edited fact is swapped for another.
   allowed = {tuple(r) for r in data.loc.take(kl)["input_ids"]}
