@@ -427,13 +427,8 @@ class LoadedEditor:
     if len(data) == 0:
       raise ValueError("the facts to protect are empty: expected at least one record")
     editor = editors.make(self.editor.name, self.editor.model, dataclasses.replace(cfg, preserve=float(gamma)))
-    state = self.state
-    if "preserve" not in state.aux:  # trained without the term: identity roots, placed as the editor's alpha
-      where = state.params["alpha"].sharding
-      state = EditorState(state.params, {**state.aux, "preserve": {
-          f"layer{i}": jax.device_put(jnp.eye(layer.d_in, dtype=jnp.float32), where)
-          for i, layer in enumerate(self.editor.model.layers)}})
-    return dataclasses.replace(self, editor=editor, state=editor.prepare(state, base_params, data, max_rows=len(data)))
+    return dataclasses.replace(self, editor=editor, state=editor.prepare(self.state, base_params, data,
+                                                                         max_rows=len(data)))
 
   def _tok(self):
     if self.tokenizer is None:

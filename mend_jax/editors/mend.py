@@ -122,8 +122,9 @@ class MEND(Editor):
       total = m if total is None else {p: (total[p][0] + m[p][0], total[p][1] + m[p][1]) for p in total}
     roots = {f"layer{i}": jnp.asarray(capture_lib.key_penalty_root(*total[l.path], self.cfg.preserve))
              for i, l in enumerate(self.model.layers)}
-    old = state.aux["preserve"]
-    roots = {k: jax.device_put(v, old[k].sharding) for k, v in roots.items()}  # where init placed them
+    # Where init placed them; a state made without the term (an editor given one later) has none: as alpha.
+    old = state.aux.get("preserve") or {k: state.params["alpha"] for k in roots}
+    roots = {k: jax.device_put(v, old[k].sharding) for k, v in roots.items()}
     return EditorState(state.params, {**state.aux, "preserve": roots})
 
   def _precond(self, aux: Mapping, i: int):
