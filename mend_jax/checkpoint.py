@@ -490,6 +490,76 @@ def load_editor(path: str, model: EditableModel, params=None, tokenizer=None, me
   return LoadedEditor(editor, state, meta, tokenizer)
 
 
+def _leaves(x) -> dict[str, Any]:
+  return {tree.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(x)[0]}
+
+
+def init_from_meta(path: str) -> dict:
+  """`read_meta` of train.init_from's work directory, its errors naming the field."""
+  try:
+    return read_meta(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"train.init_from: {e}") from None
+
+
+def check_init_from(path: str, editor: Editor, workdir: str | None = None, base_params=None) -> list[str]:
+  """Before a run writes anything: `path` (train.init_from) must be a work directory, other than
+  the run's own `workdir`, holding a checkpoint of the same kind of editor whose leaves have this
+  editor's shapes wherever both have one, and some of whose trained parameters fit.
+
+  Returns the paths of this editor's leaves the source lacks ("params/..." or "aux/...").
+  Raises ValueError, FileNotFoundError or CheckpointMismatch naming train.init_from."""
+  if workdir is not None and os.path.abspath(path) == os.path.abspath(workdir):
+    raise ValueError(f"train.init_from {path!r} is this run's own --workdir; expected another run's work directory "
+                     "(a run resumes from its own work directory by itself)")
+  meta = init_from_meta(path)
+  if meta.get("alg") != editor.name:
+    raise CheckpointMismatch(f"train.init_from {path!r} holds a {meta.get('alg')!r} editor; this run trains "
+                             f"{editor.name!r}: expected a work directory of the same editor")
+  source = editors.make(editor.name, editor.model, meta["editor_config"])
+  params = editor.model.params if base_params is None else base_params
+  rng = jax.random.PRNGKey(0)
+  want, have = jax.eval_shape(editor.init, rng, params), jax.eval_shape(source.init, rng, params)
+  fresh, fits = [], 0
+  for part in ("params", "aux"):
+    theirs = _leaves(getattr(have, part))
+    for key, leaf in _leaves(getattr(want, part)).items():
+      if key not in theirs:
+        fresh.append(f"{part}/{key}")
+      elif tuple(theirs[key].shape) != tuple(leaf.shape):
+        raise CheckpointMismatch(f"train.init_from {path!r}: its {part} leaf {key!r} has shape "
+                                 f"{tuple(theirs[key].shape)}, this editor's {tuple(leaf.shape)} (expected an editor "
+                                 "of the same widths and rank)")
+      else:
+        fits += part == "params"
+  if fits == 0:
+    raise CheckpointMismatch(f"train.init_from {path!r}: none of its trained parameters fit this editor's")
+  return fresh
+
+
+def warm_start(editor: Editor, state: EditorState, path: str, base_params=None, mesh=None,
+               shard_editor: bool = False) -> tuple[EditorState, list[str]]:
+  """`state` (a fresh state of `editor`) with every leaf that the editor saved in work directory
+  `path` (its best checkpoint, else its latest) also holds, at the same path and shape, taken from
+  there: its trained parameters and carried statistics. The source may differ in its editor
+  config (MEND: edit_steps, aggregation, preserve, ...); leaves it lacks (MEND: a summed editor's
+  missing log_lambda) keep their fresh values, its leaves this state lacks are dropped. Values
+  keep the fresh leaves' dtypes and placement (a mesh's, when `state` is on one).
+
+  Returns (state, the paths of the leaves left fresh, "params/..." or "aux/...").
+  Raises as `check_init_from`."""
+  fresh = check_init_from(path, editor, base_params=base_params)
+  source = load_editor(path, editor.model, base_params, mesh=mesh, shard_editor=shard_editor).state
+  out = {}
+  for part in ("params", "aux"):
+    have = _leaves(getattr(source, part))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(getattr(state, part))
+    new = [leaf if (key := tree.path_str(p)) not in have
+           else jax.device_put(jnp.asarray(have[key], leaf.dtype), leaf.sharding) for p, leaf in flat]
+    out[part] = jax.tree_util.tree_unflatten(treedef, new)
+  return EditorState(out["params"], out["aux"]), fresh
+
+
 def save_untrained(editor: Editor, base_params, workdir: str, seed: int, meta: Mapping) -> dict:
   """For editors with nothing to train (FT, FT+KL): saves their initial state as the work
   directory's checkpoint (step 0), so evaluation, scripts and `load_editor` treat every editor

@@ -314,6 +314,8 @@ def train_and_evaluate(config, workdir: str, progress: Callable | None = None) -
   t0 = time.time()
   ckpt_lib.check_workdir(workdir)
   tcfg = build_config(train_lib.TrainConfig, config.train, "train")
+  if tcfg.init_from:  # a wrong path fails before the model loads; the rest is checked once it has
+    ckpt_lib.init_from_meta(tcfg.init_from)
   task = prepare(config, progress=progress)
   editor = make_editor(config, task.model)
   meta = {"config": _plain(config)}

@@ -78,6 +78,10 @@ class TrainConfig:
   # name none) is measured by the term only and never read by the locality KL, so training meets locality
   # facts the term was not measured on, as held-out evaluation does. 0: every example serves both.
   preserve_share: float = 0.0
+  # A work directory of the same editor whose trained parameters and statistics (best checkpoint, else latest)
+  # start this run, where their paths and shapes fit (`checkpoint.warm_start`); its editor config may differ (MEND:
+  # edit_steps, aggregation, preserve). The optimizer, step count and schedule start fresh. "": initialise.
+  init_from: str = ""
 
   def __post_init__(self):
     losses.check_kl_positions(self.kl_positions)
@@ -96,6 +100,8 @@ class TrainConfig:
     if isinstance(self.preserve_share, bool) or not isinstance(self.preserve_share, (int, float)) \
         or not 0 <= self.preserve_share < 1:
       raise ValueError(f"train.preserve_share must be a number in [0, 1), got {self.preserve_share!r}")
+    if not isinstance(self.init_from, str):
+      raise ValueError(f"train.init_from must be a work directory path (or '' for none), got {self.init_from!r}")
     if self.c_edit < 0 or self.c_loc < 0:
       raise ValueError(f"train.c_edit and train.c_loc must be >= 0, got {self.c_edit} and {self.c_loc}")
 
@@ -258,7 +264,8 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
   Returns:
     (final state, summary {steps, best_val_loss, stopped_early, n_skipped, train_time_s}).
   Raises:
-    CheckpointMismatch: workdir holds a checkpoint of another run (nothing is written).
+    CheckpointMismatch: workdir holds a checkpoint of another run, or cfg.init_from an editor that does
+      not fit (nothing is written).
     TrainingFailed: more than half of all micro-steps were skipped as non-finite, or no
       validation loss was finite (the checkpoints stay for inspection; none becomes best).
   """
@@ -275,12 +282,19 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
     term_rows, loc_pool = train.locality_split(cfg.preserve_share, seed)
   run = {**dict(meta or {}), **ckpt_lib.fingerprint(editor, base_params)}
   ckpt_lib.check_workdir(workdir, run)  # refuse a directory of another run before writing anything
+  if cfg.init_from and not os.path.isdir(os.path.join(workdir, "checkpoints")):  # a resumed run starts from its own
+    ckpt_lib.check_init_from(cfg.init_from, editor, workdir, base_params)
   os.makedirs(workdir, exist_ok=True)
   tx = make_optimizer(cfg, editor)
   mngr = ckpt_lib.Checkpoints(workdir, run)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if mngr.latest_step() is None:
     state, extra = init_state(editor, tx, seed, base_params, mesh, shard_editor), {}
+    if cfg.init_from:
+      warm, fresh = ckpt_lib.warm_start(editor, state.editor, cfg.init_from, base_params, mesh, shard_editor)
+      state = state._replace(editor=warm)
+      logging.info("started from the editor in %s%s", cfg.init_from,
+                   f"; left at their initial values: {', '.join(fresh)}" if fresh else "")
     # Statistics of the frozen model the editor measures once (MEND's key-preservation term).
     measured = train
     if term_rows is not None:  # without cached activations: a subset of memory-mapped ones would load into memory
