@@ -376,6 +376,24 @@ def read_meta(path: str) -> dict:
   return _restore(mngr, step, os.path.join(path, "checkpoints"), meta=ocp.args.JsonRestore())["meta"]
 
 
+def protecting_gamma(alg: str, cfg, preserve: float | None) -> float:
+  """The gamma `LoadedEditor.protecting` uses for an editor `alg` of config `cfg` (a config
+  object or mapping) given `preserve` (None: the trained one). Raises ValueError unless the
+  editor is least-squares MEND and the gamma a number > 0."""
+  get = cfg.get if isinstance(cfg, Mapping) else lambda key, default=None: getattr(cfg, key, default)
+  aggregation = get("aggregation") if alg == "mend" else None
+  if aggregation != "least_squares":
+    raise ValueError(f"protecting facts re-measures the preservation term of a MEND editor with "
+                     f"aggregation='least_squares'; this one is {alg!r}"
+                     + (f" with aggregation={aggregation!r}" if aggregation is not None else ""))
+  gamma = get("preserve", 0.0) if preserve is None else preserve
+  if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
+    raise ValueError(f"preserve (the gamma of the term that keeps the protected facts) must be a number > 0"
+                     + ("; this editor was trained without the term, so give one" if not get("preserve", 0.0) else "")
+                     + f", got {preserve!r}")
+  return float(gamma)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedEditor:
   """A trained editor, ready to use: `new_params, info = loaded.edit(params, batch)` (jitted), or
@@ -415,18 +433,10 @@ class LoadedEditor:
     retraining; works for an editor trained without the term when a gamma is given. The layers'
     capacity is shared: the facts the term is measured on are kept better, others less."""
     cfg = self.editor.cfg
-    if getattr(cfg, "aggregation", None) != "least_squares":
-      raise ValueError(f"protecting facts re-measures the preservation term of a MEND editor with "
-                       f"aggregation='least_squares'; this one is {self.editor.name!r}"
-                       + (f" with aggregation={cfg.aggregation!r}" if hasattr(cfg, "aggregation") else ""))
-    gamma = cfg.preserve if preserve is None else preserve
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
-      raise ValueError(f"preserve (the gamma of the term that keeps the protected facts) must be a number > 0"
-                       + ("; this editor was trained without the term, so give one" if not cfg.preserve else "")
-                       + f", got {preserve!r}")
+    gamma = protecting_gamma(self.editor.name, cfg, preserve)
     if len(data) == 0:
       raise ValueError("the facts to protect are empty: expected at least one record")
-    editor = editors.make(self.editor.name, self.editor.model, dataclasses.replace(cfg, preserve=float(gamma)))
+    editor = editors.make(self.editor.name, self.editor.model, dataclasses.replace(cfg, preserve=gamma))
     return dataclasses.replace(self, editor=editor, state=editor.prepare(self.state, base_params, data,
                                                                          max_rows=len(data)))
 

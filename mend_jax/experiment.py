@@ -355,9 +355,10 @@ def _loaded(workdir: str, task: Task, config=None) -> ckpt_lib.LoadedEditor:
   return loaded.with_loc_pool(loc_pool(task.train)) if loaded.editor.needs_loc_pool else loaded
 
 
-def check_protect(split: str, protect: str | None, preserve: float | None) -> None:
+def check_protect(split: str, protect: str | None, preserve: float | None, config=None) -> None:
   """Raises ValueError unless `protect` (None, or a split other than the evaluated `split`) and
-  `preserve` (None, or given with protect) are arguments `evaluate_workdir` accepts."""
+  `preserve` (None, or given with protect) are arguments `evaluate_workdir` accepts, and, with
+  the experiment `config` of the editor, the editor can protect facts (`protecting_gamma`)."""
   if protect is not None and protect not in SPLITS:
     raise ValueError(f"protect must be one of {SPLITS} (the split whose facts to keep), got {protect!r}")
   if protect is not None and protect == split:
@@ -365,6 +366,8 @@ def check_protect(split: str, protect: str | None, preserve: float | None) -> No
                      "the term keeps and the ones locality is measured on; protect another split")
   if preserve is not None and protect is None:
     raise ValueError("preserve (the gamma of the protecting term) needs protect (the split whose facts to keep)")
+  if protect is not None and config is not None:
+    ckpt_lib.protecting_gamma(str(config.alg), config.get(str(config.alg), {}), preserve)
 
 
 def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str = "test",
@@ -374,7 +377,7 @@ def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str 
   protect: another split whose facts the edits keep (`LoadedEditor.protecting`: a least-squares
   editor's preservation term re-measured on its locality examples, with gamma `preserve`, None: as
   trained); the results add locality_protected, measured on that split's locality examples."""
-  check_protect(split, protect, preserve)
+  check_protect(split, protect, preserve, config)
   task = task or prepare(config)
   loaded = _loaded(workdir, task, config)
   protected = None

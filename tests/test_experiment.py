@@ -129,6 +129,18 @@ def test_protecting_arguments_are_checked_before_anything_loads():
                         (("test", None, 3.0), "needs protect")):
     with pytest.raises(ValueError, match=message):
       experiment.check_protect(*args)
+  # With the editor's stored config: checked before the model and data load, too.
+  config = lambda alg, **mend: ml_collections.ConfigDict({"alg": alg, "mend": {"aggregation": "sum", "preserve": 0.0,
+                                                                                **mend}, "ft": {}})
+  experiment.check_protect("test", "val", None, config("mend", aggregation="least_squares", preserve=3.0))
+  experiment.check_protect("test", "val", 0.5, config("mend", aggregation="least_squares"))
+  for cfg, preserve, message in ((config("mend"), 3.0, "aggregation='least_squares'; this one is 'mend' with "
+                                                         "aggregation='sum'"),
+                                 (config("ft"), 3.0, "this one is 'ft'"),
+                                 (config("mend", aggregation="least_squares"), None, "trained without the term"),
+                                 (config("mend", aggregation="least_squares", preserve=3.0), -1.0, "must be a number > 0")):
+    with pytest.raises(ValueError, match=message):
+      experiment.check_protect("test", "val", preserve, cfg)
 
 
 def test_targets_per_fact_is_an_error_where_the_other_targets_are_unknown(tmp_path):
