@@ -185,8 +185,8 @@ def test_training_measures_the_preservation_term_once_and_checkpoints_it(synth_s
 
 
 def test_a_run_started_from_another_editor_takes_its_trained_parameters(synth_setup, tmp_path):
-  """train.init_from: a least-squares editor with 2 edit steps starts from a summed one-step
-  editor's trained networks, alpha and statistics; its own log_lambda starts fresh."""
+  """train.init_from: a least-squares editor starts from a summed editor's trained networks, alpha
+  and statistics; its own log_lambda starts fresh."""
   ed, m, d = synth_setup["editor"], synth_setup["model"], synth_setup["data"]
   src, _ = train.fit(ed, TCFG, m.params, d, d, str(tmp_path / "src"))
   saved = ckpt_lib.load_editor(str(tmp_path / "src"), m).state  # its best checkpoint
@@ -194,7 +194,7 @@ def test_a_run_started_from_another_editor_takes_its_trained_parameters(synth_se
   moved = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(init.params),
                                                     jax.tree_util.tree_leaves(saved.params))]
   assert any(moved)  # the source really trained
-  new = editors.make("mend", m, {"rank": 8, "aggregation": "least_squares", "edit_steps": 2})
+  new = editors.make("mend", m, {"rank": 8, "aggregation": "least_squares"})
   fresh_state = new.init(jax.random.PRNGKey(3))
   warm, fresh = ckpt_lib.warm_start(new, fresh_state, str(tmp_path / "src"))
   assert fresh == ["params/log_lambda"]
@@ -206,10 +206,7 @@ def test_a_run_started_from_another_editor_takes_its_trained_parameters(synth_se
   # trained parameters are still the source's.
   cfg = dataclasses.replace(TCFG, max_steps=1, accumulate=8, val_every=1, init_from=str(tmp_path / "src"))
   state, _ = train.fit(new, cfg, m.params, d, d, str(tmp_path / "warm"))
-  chex.assert_trees_all_equal(state.editor.params["net"], saved.params["net"])
-  cold, _ = train.fit(new, dataclasses.replace(cfg, init_from=""), m.params, d, d, str(tmp_path / "cold"))
-  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(cold.editor.params["net"]),
-                                                      jax.tree_util.tree_leaves(saved.params["net"])))
+  chex.assert_trees_all_equal(state.editor.params["net"], saved.params["net"])  # not the initial ones (moved)
 
 
 def test_init_from_that_does_not_fit_is_refused_before_anything_is_written(synth_setup, tmp_path):
