@@ -337,6 +337,16 @@ def check_run(stored: Mapping, run: Mapping, workdir: str) -> None:
           f"this run's is {_describe(key, run.get(key))}; use another --workdir (nothing was written)")
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether work directory `workdir` holds a checkpoint (a run there resumes from it)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return False
+  mngr = _manager(workdir, create=False)
+  step = mngr.latest_step()
+  mngr.close()
+  return step is not None
+
+
 def check_workdir(workdir: str, run_fingerprint: Mapping | None = None) -> None:
   """Before a run writes anything: `workdir` must be a directory (or not exist yet), and any
   checkpoint in it must come from a run with the same fingerprint (else CheckpointMismatch; no
@@ -519,18 +529,23 @@ def check_init_from(path: str, editor: Editor, workdir: str | None = None, base_
 
   Returns the paths of this editor's leaves the source lacks ("params/..." or "aux/...").
   Raises ValueError, FileNotFoundError or CheckpointMismatch naming train.init_from."""
-  if workdir is not None and os.path.abspath(path) == os.path.abspath(workdir):
+  if workdir is not None and os.path.realpath(path) == os.path.realpath(workdir):
     raise ValueError(f"train.init_from {path!r} is this run's own --workdir; expected another run's work directory "
                      "(a run resumes from its own work directory by itself)")
   meta = init_from_meta(path)
-  if meta.get("alg") != editor.name:
+  if meta.get("alg", "mend") != editor.name:
     raise CheckpointMismatch(f"train.init_from {path!r} holds a {meta.get('alg')!r} editor; this run trains "
                              f"{editor.name!r}: expected a work directory of the same editor")
+  want_fp = fingerprint(editor, base_params)
+  for key in ("family", "layers"):
+    if meta.get(key) != want_fp[key]:
+      raise CheckpointMismatch(f"train.init_from {path!r} holds an editor whose {key} is {meta.get(key)!r}, but this "
+                               f"run's is {want_fp[key]!r}: expected an editor of the same model family and layers")
   source = editors.make(editor.name, editor.model, meta["editor_config"])
   params = editor.model.params if base_params is None else base_params
   rng = jax.random.PRNGKey(0)
   want, have = jax.eval_shape(editor.init, rng, params), jax.eval_shape(source.init, rng, params)
-  fresh, fits = [], 0
+  fresh, size = [], {True: 0, False: 0}  # trained parameters taken / left fresh, in elements
   for part in ("params", "aux"):
     theirs = _leaves(getattr(have, part))
     for key, leaf in _leaves(getattr(want, part)).items():
@@ -540,10 +555,12 @@ def check_init_from(path: str, editor: Editor, workdir: str | None = None, base_
         raise CheckpointMismatch(f"train.init_from {path!r}: its {part} leaf {key!r} has shape "
                                  f"{tuple(theirs[key].shape)}, this editor's {tuple(leaf.shape)} (expected an editor "
                                  "of the same widths and rank)")
-      else:
-        fits += part == "params"
-  if fits == 0:
-    raise CheckpointMismatch(f"train.init_from {path!r}: none of its trained parameters fit this editor's")
+      if part == "params":
+        size[key in theirs] += math.prod(leaf.shape)
+  if size[True] <= size[False]:  # e.g. networks of another layout (MEND's `shared`): little would be taken
+    raise CheckpointMismatch(f"train.init_from {path!r}: only {size[True]:,} of this editor's {sum(size.values()):,} "
+                             "trained parameters have a counterpart there (expected most of them; paths left fresh: "
+                             f"{', '.join(p for p in fresh if p.startswith('params/'))})")
   return fresh
 
 

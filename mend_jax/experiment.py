@@ -314,13 +314,21 @@ def train_and_evaluate(config, workdir: str, progress: Callable | None = None) -
   t0 = time.time()
   ckpt_lib.check_workdir(workdir)
   tcfg = build_config(train_lib.TrainConfig, config.train, "train")
-  if tcfg.init_from:  # a wrong path fails before the model loads; the rest is checked once it has
+  # A wrong train.init_from fails before the model loads, the rest of its checks once it has; a resumed run
+  # starts from its own checkpoint and never reads it.
+  warm = bool(tcfg.init_from) and not ckpt_lib.has_checkpoint(workdir)
+  if warm:
     ckpt_lib.init_from_meta(tcfg.init_from)
   task = prepare(config, progress=progress)
   editor = make_editor(config, task.model)
   meta = {"config": _plain(config)}
   # A directory of another run (editor, model, layers) is refused before anything is written.
   ckpt_lib.check_workdir(workdir, {**meta, **ckpt_lib.fingerprint(editor, task.model.params)})
+  if tcfg.init_from and not editor.learned:
+    raise ValueError(f"train.init_from starts a learned editor from another run's; editor {editor.name!r} has "
+                     "nothing to train")
+  if warm:
+    ckpt_lib.check_init_from(tcfg.init_from, editor, workdir, task.model.params)
   logging.info("base model: %s, editing %d layers %s; %s parameters: %s", task.model.family.name,
                len(task.model.layers), list(task.model.layer_paths), editor.name,
                f"{num_params(editor, task.model.params):,}")

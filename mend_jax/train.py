@@ -266,6 +266,8 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
   Raises:
     CheckpointMismatch: workdir holds a checkpoint of another run, or cfg.init_from an editor that does
       not fit (nothing is written).
+    FileNotFoundError, ValueError: cfg.init_from holds no checkpoint, or is workdir itself (nothing is
+      written); CheckpointError: its checkpoint cannot be read.
     TrainingFailed: more than half of all micro-steps were skipped as non-finite, or no
       validation loss was finite (the checkpoints stay for inspection; none becomes best).
   """
@@ -282,7 +284,7 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
     term_rows, loc_pool = train.locality_split(cfg.preserve_share, seed)
   run = {**dict(meta or {}), **ckpt_lib.fingerprint(editor, base_params)}
   ckpt_lib.check_workdir(workdir, run)  # refuse a directory of another run before writing anything
-  if cfg.init_from and not os.path.isdir(os.path.join(workdir, "checkpoints")):  # a resumed run starts from its own
+  if cfg.init_from and not ckpt_lib.has_checkpoint(workdir):  # a resumed run starts from its own checkpoint
     ckpt_lib.check_init_from(cfg.init_from, editor, workdir, base_params)
   os.makedirs(workdir, exist_ok=True)
   tx = make_optimizer(cfg, editor)
@@ -293,8 +295,9 @@ def fit(editor: Editor, cfg: TrainConfig, base_params, train: EditData, val: Edi
     if cfg.init_from:
       warm, fresh = ckpt_lib.warm_start(editor, state.editor, cfg.init_from, base_params, mesh, shard_editor)
       state = state._replace(editor=warm)
+      fresh = [p for p in fresh if p.startswith("params/")]  # fresh statistics are measured or updated as training runs
       logging.info("started from the editor in %s%s", cfg.init_from,
-                   f"; left at their initial values: {', '.join(fresh)}" if fresh else "")
+                   f"; parameters left at their initial values: {', '.join(fresh)}" if fresh else "")
     # Statistics of the frozen model the editor measures once (MEND's key-preservation term).
     measured = train
     if term_rows is not None:  # without cached activations: a subset of memory-mapped ones would load into memory

@@ -100,6 +100,18 @@ def test_paper_tasks_run_with_the_editors(name, variant, alg, files, cache, tmp_
   assert res["alg"] == alg
 
 
+def test_init_from_with_an_editor_that_trains_nothing_is_refused_before_anything_is_written(files, cache, tmp_path):
+  from mend_jax import checkpoint as ckpt_lib
+  from conftest import tiny_model
+  ckpt_lib.save_untrained(editors.make("ft", tiny_model("gpt2"), {}), tiny_model("gpt2").params,
+                          str(tmp_path / "src"), 0, {})
+  c = tiny("wikitext", "gpt2", files, cache, "ft")
+  c.train.init_from = str(tmp_path / "src")
+  with pytest.raises(ValueError, match="train.init_from starts a learned editor.*'ft' has nothing to train"):
+    experiment.train_and_evaluate(c, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name,variant", FAMILIES)
 def test_paper_model_families_run(name, variant, files, cache, tmp_path_factory):
   c = tiny(name, variant, files, cache)

@@ -222,5 +222,13 @@ def test_init_from_that_does_not_fit_is_refused_before_anything_is_written(synth
     with pytest.raises(error, match=match):
       train.fit(editor, dataclasses.replace(TCFG, init_from=path), m.params, d, d, str(out))
     assert not out.exists()
+  # Other layers, or networks of another layout (`shared`), are refused the same way.
+  from conftest import tiny_model
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match="train.init_from .* family is 'gpt2', but this run's is"):
+    ckpt_lib.check_init_from(str(tmp_path / "src"), editors.make("mend", tiny_model("llama"), {"rank": 8}))
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match="only .* trained parameters have a counterpart"):
+    train.fit(editors.make("mend", m, {"rank": 8, "shared": False}), dataclasses.replace(TCFG, init_from=str(tmp_path / "src")),
+              m.params, d, d, str(out))
+  assert not out.exists()
   with pytest.raises(ValueError, match="train.init_from"):
     train.TrainConfig(init_from=None)
