@@ -112,6 +112,15 @@ def test_init_from_with_an_editor_that_trains_nothing_is_refused_before_anything
   assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_init_from_fails_before_the_model_loads(tmp_path, monkeypatch):
+  monkeypatch.setattr(experiment, "prepare", lambda *a, **k: pytest.fail("the model and data were loaded"))
+  c = load_config("synthetic")
+  c.train.init_from = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="train.init_from: no checkpoint at '.*missing'"):
+    experiment.train_and_evaluate(c, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name,variant", FAMILIES)
 def test_paper_model_families_run(name, variant, files, cache, tmp_path_factory):
   c = tiny(name, variant, files, cache)

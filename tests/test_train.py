@@ -184,19 +184,27 @@ def test_training_measures_the_preservation_term_once_and_checkpoints_it(synth_s
   chex.assert_trees_all_equal(loaded.state.aux["preserve"], state.editor.aux["preserve"])
 
 
-def test_a_run_started_from_another_editor_takes_its_trained_parameters(synth_setup, tmp_path):
+@pytest.fixture(scope="module")
+def trained(synth_setup, tmp_path_factory):
+  """The work directory of a summed editor trained for TCFG's 6 micro-steps."""
+  ed, m, d = synth_setup["editor"], synth_setup["model"], synth_setup["data"]
+  path = tmp_path_factory.mktemp("trained")
+  train.fit(ed, TCFG, m.params, d, d, str(path))
+  return path
+
+
+def test_a_run_started_from_another_editor_takes_its_trained_parameters(synth_setup, trained, tmp_path):
   """train.init_from: a least-squares editor starts from a summed editor's trained networks, alpha
   and statistics; its own log_lambda starts fresh."""
   ed, m, d = synth_setup["editor"], synth_setup["model"], synth_setup["data"]
-  src, _ = train.fit(ed, TCFG, m.params, d, d, str(tmp_path / "src"))
-  saved = ckpt_lib.load_editor(str(tmp_path / "src"), m).state  # its best checkpoint
+  saved = ckpt_lib.load_editor(str(trained), m).state  # its best checkpoint
   init = ed.init(jax.random.PRNGKey(0))
   moved = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(init.params),
                                                     jax.tree_util.tree_leaves(saved.params))]
   assert any(moved)  # the source really trained
   new = editors.make("mend", m, {"rank": 8, "aggregation": "least_squares"})
   fresh_state = new.init(jax.random.PRNGKey(3))
-  warm, fresh = ckpt_lib.warm_start(new, fresh_state, str(tmp_path / "src"))
+  warm, fresh = ckpt_lib.warm_start(new, fresh_state, str(trained))
   assert fresh == ["params/log_lambda"]
   chex.assert_trees_all_equal(warm.params["net"], saved.params["net"])
   chex.assert_trees_all_equal(warm.params["alpha"], saved.params["alpha"])
@@ -204,19 +212,18 @@ def test_a_run_started_from_another_editor_takes_its_trained_parameters(synth_se
   chex.assert_trees_all_equal(warm.aux, saved.aux)  # the normalisation statistics with their counts
   # Through the loop: one micro-step of an 8-step accumulation applies no Adam update, so the
   # trained parameters are still the source's.
-  cfg = dataclasses.replace(TCFG, max_steps=1, accumulate=8, val_every=1, init_from=str(tmp_path / "src"))
+  cfg = dataclasses.replace(TCFG, max_steps=1, accumulate=8, val_every=1, init_from=str(trained))
   state, _ = train.fit(new, cfg, m.params, d, d, str(tmp_path / "warm"))
   chex.assert_trees_all_equal(state.editor.params["net"], saved.params["net"])  # not the initial ones (moved)
 
 
-def test_init_from_that_does_not_fit_is_refused_before_anything_is_written(synth_setup, tmp_path):
+def test_init_from_that_does_not_fit_is_refused_before_anything_is_written(synth_setup, trained, tmp_path):
   ed, m, d = synth_setup["editor"], synth_setup["model"], synth_setup["data"]
-  train.fit(ed, dataclasses.replace(TCFG, max_steps=1, val_every=1), m.params, d, d, str(tmp_path / "src"))
   ckpt_lib.save_untrained(editors.make("ft", m, {}), m.params, str(tmp_path / "ft"), 0, {})
   out = tmp_path / "out"
   cases = [(ed, str(tmp_path / "missing"), FileNotFoundError, "train.init_from"),
            (ed, str(tmp_path / "ft"), ckpt_lib.CheckpointMismatch, "'ft' editor"),
-           (editors.make("mend", m, {"rank": 4}), str(tmp_path / "src"), ckpt_lib.CheckpointMismatch, r"shape"),
+           (editors.make("mend", m, {"rank": 4}), str(trained), ckpt_lib.CheckpointMismatch, r"shape"),
            (ed, str(out), ValueError, "own --workdir")]
   for editor, path, error, match in cases:
     with pytest.raises(error, match=match):
@@ -225,9 +232,9 @@ def test_init_from_that_does_not_fit_is_refused_before_anything_is_written(synth
   # Other layers, or networks of another layout (`shared`), are refused the same way.
   from conftest import tiny_model
   with pytest.raises(ckpt_lib.CheckpointMismatch, match="train.init_from .* family is 'gpt2', but this run's is"):
-    ckpt_lib.check_init_from(str(tmp_path / "src"), editors.make("mend", tiny_model("llama"), {"rank": 8}))
+    ckpt_lib.check_init_from(str(trained), editors.make("mend", tiny_model("llama"), {"rank": 8}))
   with pytest.raises(ckpt_lib.CheckpointMismatch, match="only .* trained parameters have a counterpart"):
-    train.fit(editors.make("mend", m, {"rank": 8, "shared": False}), dataclasses.replace(TCFG, init_from=str(tmp_path / "src")),
+    train.fit(editors.make("mend", m, {"rank": 8, "shared": False}), dataclasses.replace(TCFG, init_from=str(trained)),
               m.params, d, d, str(out))
   assert not out.exists()
   with pytest.raises(ValueError, match="train.init_from"):
