@@ -436,6 +436,20 @@ class LoadedEditor:
     editor = editors.make(self.editor.name, self.editor.model, dataclasses.replace(self.editor.cfg, edit_steps=n))
     return dataclasses.replace(self, editor=editor)
 
+  def with_refine(self, n: int, loc_pool: Mapping[str, Any] | None = None) -> "LoadedEditor":
+    """The same trained MEND editor followed by n steps of FT+KL on the edited matrices per edit
+    (`MENDConfig.refine`), drawing locality examples from `loc_pool` (a batch dict; None: give one
+    later with `with_loc_pool`); n = 0 keeps the editor's own setting."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+      raise ValueError(f"refine must be an integer >= 0 (0: as trained), got {n!r}")
+    if n == 0:
+      return self
+    if not hasattr(self.editor.cfg, "refine"):
+      raise ValueError(f"refine applies to MEND editors; this one is {self.editor.name!r}")
+    editor = editors.make(self.editor.name, self.editor.model, dataclasses.replace(self.editor.cfg, refine=n))
+    out = dataclasses.replace(self, editor=editor)
+    return out.with_loc_pool(loc_pool) if loc_pool is not None else out
+
   def protecting(self, base_params, data, preserve: float | None = None) -> "LoadedEditor":
     """The same trained least-squares MEND editor keeping the facts of `data` (an EditData; its
     locality examples): the key-preservation term (`MENDConfig.preserve`) re-measured on them with

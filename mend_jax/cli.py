@@ -185,6 +185,7 @@ k_sweep.png).
   mend-evaluate --workdir runs/demo --ks 1,5,25,125
   mend-evaluate --workdir runs/demo --stream --k 10 --n 480         (lifelong editing)
   mend-evaluate --workdir runs/ls_k125 --k 125 --edit_steps 3         (MEND applied 3 times per edit)
+  mend-evaluate --workdir runs/ls_k125 --k 125 --refine 50           (then 50 FT+KL steps per edit)
   mend-evaluate --workdir runs/ls_k125 --k 125 --protect val --preserve 30
                       (least squares: keep the val split's facts; adds locality_protected)
 """
@@ -242,13 +243,15 @@ def evaluate(argv: list[str] | None = None) -> None:
   every = flags.DEFINE_integer("every", 10, "with --stream: batches between measurements")
   steps = flags.DEFINE_integer("edit_steps", 0, "MEND: apply the editor this many times per edit, each on the "
                                "weights the step before left (0: as it was trained)")
+  refine = flags.DEFINE_integer("refine", 0, "MEND: after each edit, this many FT+KL steps on the edited matrices "
+                                "(locality examples from the training split; 0: as it was trained)")
   protect = flags.DEFINE_enum("protect", None, ["train", "val", "test"], "least-squares MEND: keep this split's "
                               "facts, the preservation term re-measured on its locality examples (no retraining); "
                               "adds locality_protected")
   preserve = flags.DEFINE_float("preserve", None, "with --protect: the term's gamma (default: as trained)")
   argv = sys.argv if argv is None else argv
   _show_in_help(argv[0], EVALUATE_USAGE, ["workdir", "split", "k", "n", "ks", "sequential", "stream", "every",
-                                          "edit_steps", "protect", "preserve"])
+                                          "edit_steps", "refine", "protect", "preserve"])
 
   def main(_):
     _setup_logging()
@@ -264,6 +267,7 @@ def evaluate(argv: list[str] | None = None) -> None:
       config = _stored_config(workdir.value)
       config.eval.n_test = n.value
       config.eval.edit_steps = steps.value
+      config.eval.refine = refine.value
       if stream.value:
         res = experiment.evaluate_stream_workdir(config, workdir.value, split=split.value, k=k.value,
                                                  every=every.value)
@@ -283,7 +287,7 @@ def evaluate(argv: list[str] | None = None) -> None:
                                         preserve=preserve.value)
       # Its own file: results.json holds the training run's results and stays as it was.
       name = (f"eval_{split.value}_k{k.value}" + (f"_n{n.value}" if n.value > 0 else "")
-              + (f"_steps{steps.value}" if steps.value else "")
+              + experiment.steps_suffix(config)
               + (f"_protect{protect.value}_preserve{res['preserve']:g}" if protect.value else "") + ".json")
       path = report.write_json(os.path.join(workdir.value, name), res)
       _print_results(res)

@@ -359,7 +359,7 @@ def _loaded(workdir: str, task: Task, config=None) -> ckpt_lib.LoadedEditor:
   split = bool(config.mesh.shard_editor) if config is not None else False
   loaded = ckpt_lib.load_editor(workdir, task.model, mesh=sharding.mesh_of(task.model.params), shard_editor=split)
   if config is not None:
-    loaded = loaded.with_edit_steps(int(config.eval.edit_steps))
+    loaded = loaded.with_edit_steps(int(config.eval.edit_steps)).with_refine(int(config.eval.refine))
   return loaded.with_loc_pool(loc_pool(task.train)) if loaded.editor.needs_loc_pool else loaded
 
 
@@ -403,15 +403,17 @@ def evaluate_workdir(config, workdir: str, task: Task | None = None, split: str 
   res["split"] = split
   if hasattr(loaded.editor.cfg, "edit_steps"):
     res["edit_steps"] = loaded.editor.cfg.edit_steps
+    res["refine"] = loaded.editor.cfg.refine
   res["checkpoint_step"] = int(loaded.meta.get("step", -1))
   return res
 
 
 def steps_suffix(config) -> str:
-  """"_stepsN" when config.eval.edit_steps overrides the trained editor's steps, else "": the
-  results of an override go to their own files."""
-  n = int(config.eval.edit_steps)
-  return f"_steps{n}" if n else ""
+  """"_stepsN" when config.eval.edit_steps overrides the trained editor's steps, "_refineM" when
+  config.eval.refine adds refinement steps, else "": the results of an override go to their own
+  files."""
+  n, m = int(config.eval.edit_steps), int(config.eval.refine)
+  return (f"_steps{n}" if n else "") + (f"_refine{m}" if m else "")
 
 
 def evaluate_k_sweep(config, workdir: str, task: Task | None = None, split: str = "test",

@@ -90,6 +90,20 @@ def test_a_restored_editor_applies_itself_several_times_per_edit(synth_setup, tm
   ft = ckpt_lib.LoadedEditor(editors.make("ft", m, {}), None, {})
   with pytest.raises(ValueError, match="edit_steps applies to MEND editors; this one is 'ft'"):
     ft.with_edit_steps(2)
+  # with_refine(n, pool): the same edit, then n FT+KL steps that move the edited matrices.
+  few_rows = dataclasses.replace(loaded, editor=editors.make("mend", m, dataclasses.replace(loaded.editor.cfg,
+                                                                                           refine_loc_rows=4)))
+  refined = few_rows.with_refine(2, d.loc.take(np.arange(8)))
+  assert refined.editor.cfg.refine == 2 and loaded.with_refine(0) is loaded
+  tuned, _ = refined.edit(m.params, batch)
+  wr = tree.get_leaves(tuned, m.layer_paths)
+  assert all(not np.array_equal(np.asarray(wr[p]), np.asarray(w1[p])) for p in m.layer_paths)
+  with pytest.raises(ValueError, match="refine=2 needs a locality pool"):
+    few_rows.with_refine(2).edit(m.params, batch)
+  with pytest.raises(ValueError, match="refine must be an integer >= 0"):
+    loaded.with_refine(-1)
+  with pytest.raises(ValueError, match="refine applies to MEND editors; this one is 'ft'"):
+    ft.with_refine(2)
 
 
 def test_checkpoint_for_other_layers_or_model_is_refused(synth_setup, tmp_path):

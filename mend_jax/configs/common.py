@@ -13,7 +13,8 @@
     block, computed once per record, so training and evaluation run only the edited blocks and
     the head; "disk" keeps memory-mapped files in the work directory), cache_dtype;
   train: TrainConfig;  eval: n_test (-1: all), k, show_edit, edit_steps (MEND: apply the editor this
-    many times per edit in evaluation, `MENDConfig.edit_steps`; 0: as it was trained);
+    many times per edit in evaluation, `MENDConfig.edit_steps`; 0: as it was trained), refine (MEND:
+    this many FT+KL steps after each edit in evaluation, `MENDConfig.refine`; 0: as it was trained);
   mesh: data, fsdp (a device mesh of data x fsdp devices, `mend_jax.sharding`; 1 x 1: one device),
     shard_editor (split the editor's state over fsdp instead of replicating it);
   mend, ft, ft_kl, enn, ke: each editor's config (MENDConfig, FTConfig, ...), used when alg names it.
@@ -61,7 +62,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
       "loc_val_path": "", "min_words": 0, "world": ml_collections.ConfigDict(world), "targets_per_fact": 1, "cache_activations": "",
       "cache_dtype": "float32"})
   c.train = _section(TrainConfig())
-  c.eval = ml_collections.ConfigDict({"n_test": -1, "k": 1, "show_edit": False, "edit_steps": 0})
+  c.eval = ml_collections.ConfigDict({"n_test": -1, "k": 1, "show_edit": False, "edit_steps": 0,
+                                     "refine": 0})
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "shard_editor": False})
   for name in editors.NAMES:
     c[name] = _section(editors.config_class(name)())

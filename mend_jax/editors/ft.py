@@ -177,20 +177,29 @@ class FT(Editor):
     success: [] 1.0 if every edit succeeds at the end, loss_before: [] L_e of `params`,
     loss_edit: [] L_e of the result, loss_loc: [] the last step's L_loc (FT+KL; 0 for FT),
     update_norm: [n_layers]}. Pure and jittable (`jit_edit`)."""
-    if self.kl and "loc_pool" not in state.aux:
+    return self.fine_tune(state.aux, params, batch)
+
+  def fine_tune(self, aux: Mapping, params, batch: Mapping[str, jax.Array], start=None,
+                until_success: bool = True):
+    """The loop of `_edit` with its starting point and stop rule as arguments: the editable
+    matrices start at `start` (a params tree, e.g. another editor's edit of `params`; None:
+    `params` itself) while the locality KL's reference stays `params`, and with until_success
+    False exactly cfg.max_steps updates are applied whether or not the edits succeed. info as
+    `_edit` (loss_before: L_e at the start; update_norm: from `params`)."""
+    if self.kl and "loc_pool" not in aux:
       raise ValueError("FT+KL needs a locality pool: init(rng, params, loc_pool=...) or with_loc_pool(state, pool)")
-    aux = state.aux
-    w0 = {p: k.astype(jnp.float32) for p, k in tree.get_leaves(params, self.model.layer_paths).items()}
+    begin = params if start is None else start
+    w0 = {p: k.astype(jnp.float32) for p, k in tree.get_leaves(begin, self.model.layer_paths).items()}
     grad_fn = jax.value_and_grad(self.objective, has_aux=True)
 
-    # Each pass evaluates the current point; it updates only if some edit still fails and fewer
-    # than max_steps updates were made. So the final point is always evaluated (success is exact)
-    # and the program holds a single forward/backward of the model.
+    # Each pass evaluates the current point; it updates only if (until_success) some edit still
+    # fails and fewer than max_steps updates were made. So the final point is always evaluated
+    # (success is exact) and the program holds a single forward/backward of the model.
     def body(carry):
       n, n_evals, w, opt_state, _, _, loss0, _, _ = carry
       (_, (l_edit, l_loc, success)), g = grad_fn(w, params, aux, batch, n)
       done = jnp.all(success > 0.5)
-      stop = done | (n >= self.cfg.max_steps)
+      stop = (done & until_success) | (n >= self.cfg.max_steps)
       upd, new_opt = self.tx.update(g, opt_state, w)
       new_w = optax.apply_updates(w, upd)
       keep = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(stop, x, y), a, b)

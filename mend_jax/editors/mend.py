@@ -8,7 +8,8 @@ Per edited layer l, with u, delta from `capture` and mask = tokens where both ar
      with "malmen" the ridge fit on the real inputs u (`capture.malmen_values`);
   4. W~_l = W_l - alpha_l * grad~_l.
 With edit_steps = S > 1, steps 1-4 run S times, each on a new capture of the weights the step
-before left (`MENDConfig.edit_steps`).
+before left (`MENDConfig.edit_steps`). With refine = N > 0, N steps of FT+KL follow on the edited
+matrices, with the model the edit started from as the locality reference (`MENDConfig.refine`).
 Only the editable leaves change; every other leaf of the returned tree is the input leaf.
 """
 
@@ -25,7 +26,8 @@ import numpy as np
 from mend_jax import capture as capture_lib
 from mend_jax import losses, tree
 from mend_jax import stats as stats_lib
-from mend_jax.editors.base import Editor, EditorState
+from mend_jax.editors.base import Editor, EditorState, update_norms
+from mend_jax.editors.ft import FT, FTKLConfig
 from mend_jax.editors.mend_net import MENDConfig, MENDNet
 from mend_jax.models import EditableModel
 
@@ -56,7 +58,8 @@ class MEND(Editor):
   State: EditorState(params={"net": {group: network params}, "alpha": [n_layers] learned steps,
   with least squares also "log_lambda": [n_layers]}, aux={group: {"u": RunningStats, "delta":
   RunningStats}}), the normalisation statistics; with cfg.preserve also aux["preserve"] =
-  {"layer<i>": R_i [d_in, d_in]}, the root of each layer's ridge penalty (`prepare`).
+  {"layer<i>": R_i [d_in, d_in]}, the root of each layer's ridge penalty (`prepare`); with
+  cfg.refine, edits also need aux["refine"] = {"rng", "loc_pool"} (`with_loc_pool`).
 
   Usage:
     editor = MEND(model, MENDConfig(rank=64))
@@ -73,6 +76,22 @@ class MEND(Editor):
     super().__init__(model, cfg)
     self.groups = make_groups(model, cfg.shared)
     self.nets = {g.key: MENDNet(cfg, n_modes=len(g.layer_ids)) for g in self.groups}
+    self.needs_loc_pool = bool(cfg.refine)
+    self.refiner = FT(model, FTKLConfig(lr=cfg.refine_lr, max_steps=cfg.refine, c_edit=cfg.refine_c_edit,
+                                        loc_batch_size=cfg.refine_loc_rows)) if cfg.refine else None
+
+  def with_loc_pool(self, state: EditorState, loc_pool: Mapping[str, jax.Array]) -> EditorState:
+    """With cfg.refine: `state` with the locality pool its refinement steps draw from (as FT+KL's
+    `with_loc_pool`: a batch dict whose arrays share a leading dimension N >= refine_loc_rows).
+    Without: `state` unchanged."""
+    if not self.cfg.refine:
+      return state
+    n = len(next(iter(loc_pool.values()))) if isinstance(loc_pool, Mapping) and loc_pool else None
+    if n is not None and n < self.cfg.refine_loc_rows:
+      raise ValueError(f"the locality pool has {n} examples, fewer than MENDConfig.refine_loc_rows="
+                       f"{self.cfg.refine_loc_rows} (drawn at each refinement step)")
+    pool = self.refiner.with_loc_pool(self.refiner.init(jax.random.PRNGKey(0), None), loc_pool).aux
+    return EditorState(state.params, {**state.aux, "refine": pool})
 
   # ---------------------------------------------------------------- state
   def init(self, rng: jax.Array, base_params=None) -> EditorState:
@@ -177,8 +196,9 @@ class MEND(Editor):
         s_u = stats_lib.update(s_u, cap.u[p], masks[p])
         s_d = stats_lib.update(s_d, cap.delta[p], masks[p])
       new[g.key] = {"u": s_u, "delta": s_d}
-    if "preserve" in stats:
-      new["preserve"] = stats["preserve"]
+    for key in ("preserve", "refine"):
+      if key in stats:
+        new[key] = stats[key]
     return new
 
   def pseudo_factors(self, net_params: dict, stats: dict, cap: capture_lib.Capture):
@@ -290,6 +310,9 @@ class MEND(Editor):
     the dual solve; malmen: the real keys and the dual solve of their values. With edit_steps > 1
     each step's factors are found on the weights the steps before left, and concatenated.
     Pure and jittable; the batch is not checked here (`mend_jax.edit_log.EditLog` checks it)."""
+    if self.cfg.refine:
+      raise ValueError(f"MENDConfig.refine={self.cfg.refine}: refinement steps fine-tune whole matrices, so the edit "
+                       "is not a low-rank patch; use refine=0 for patches")
     cap = self.capture(params, batch)
     out = self._patch_step(state, cap)
     current = params
@@ -337,11 +360,19 @@ class MEND(Editor):
     Returns:
       (new_params, info), info = {loss_before: [], update_norm: [L] (Frobenius norm of
       alpha_l * grad~_l), n_tokens: [L] rows that took part; with diagnostics also grad_norm: [L]
-      of the true gradient and grad_cos: [L] cosine between true gradient and grad~}. Pure:
-      compose it with jax.jit / jax.vmap freely (`jit_edit` is the jitted form).
+      of the true gradient and grad_cos: [L] cosine between true gradient and grad~; with
+      cfg.refine also loss_loc: [] the last refinement step's KL, and update_norm is that of the
+      whole change}. Pure: compose it with jax.jit / jax.vmap freely (`jit_edit` is the jitted form).
     """
+    if self.cfg.refine and "refine" not in state.aux:
+      raise ValueError(f"MENDConfig.refine={self.cfg.refine} needs a locality pool for its FT+KL steps: "
+                       "state = editor.with_loc_pool(state, pool) (a batch dict of locality examples)")
     cap = self.capture(params, batch)
-    return self.apply_steps(state.params, state.aux, params, batch, cap, diagnostics)
+    new, info = self.apply_steps(state.params, state.aux, params, batch, cap, diagnostics)
+    if self.cfg.refine:
+      new, tuned = self.refiner.fine_tune(state.aux["refine"], params, batch, start=new, until_success=False)
+      info.update(loss_loc=tuned["loss_loc"], update_norm=update_norms(self.model, params, new))
+    return new, info
 
   def edit_for_training(self, editor_params: dict, stats: dict, params, batch):
     """The training-time edit: statistics first absorb this edit batch (as in the official code),

@@ -78,6 +78,14 @@ class MENDConfig:
   preserve_rows: the locality examples' rows C~ is measured on: "answer" (the positions where
     their answers are read, batch["read_pos"], in every edited layer) or "all" (every row the
     editor would see with rows="all").
+  refine: after the editor's steps, this many steps of FT+KL on the edited matrices (0: none, the
+    paper): RMSprop at refine_lr (clipped as FT) on refine_c_edit * L_e(edit batch) +
+    KL(p_start || p_current) on refine_loc_rows locality examples drawn from a pool each step, the
+    reference p_start being the model the edit started from. The editor's step does most of the
+    edit and the steps give back what it cost other inputs. An edit then needs a locality pool
+    (`with_loc_pool`; evaluation uses the training split's); training ignores it (the networks
+    train on the editor's steps alone), so a trained editor can be refined at edit time
+    (`mend-evaluate --refine N`).
   """
 
   rank: int = 1920
@@ -99,6 +107,10 @@ class MENDConfig:
   edit_steps: int = 1
   preserve: float = 0.0
   preserve_rows: str = "answer"
+  refine: int = 0
+  refine_lr: float = 1e-3
+  refine_c_edit: float = 0.1
+  refine_loc_rows: int = 125
 
   def __post_init__(self):
     if self.rank < 1:
@@ -123,6 +135,14 @@ class MENDConfig:
       raise ValueError(f"MENDConfig.preserve must be a number >= 0 (0: no preservation term), got {self.preserve!r}")
     if self.preserve_rows not in ROWS:
       raise ValueError(f"MENDConfig.preserve_rows must be one of {ROWS}, got {self.preserve_rows!r}")
+    if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
+      raise ValueError(f"MENDConfig.refine must be an integer >= 0 (0: no refinement), got {self.refine!r}")
+    if isinstance(self.refine_lr, bool) or not (isinstance(self.refine_lr, (int, float)) and 0 < self.refine_lr < math.inf):
+      raise ValueError(f"MENDConfig.refine_lr must be a number > 0, got {self.refine_lr!r}")
+    if isinstance(self.refine_c_edit, bool) or not (isinstance(self.refine_c_edit, (int, float)) and 0 <= self.refine_c_edit < math.inf):
+      raise ValueError(f"MENDConfig.refine_c_edit must be a number >= 0, got {self.refine_c_edit!r}")
+    if isinstance(self.refine_loc_rows, bool) or not isinstance(self.refine_loc_rows, int) or self.refine_loc_rows < 1:
+      raise ValueError(f"MENDConfig.refine_loc_rows must be an integer >= 1, got {self.refine_loc_rows!r}")
     if self.preserve and self.aggregation != "least_squares":
       raise ValueError(f"MENDConfig.preserve weighs the ridge penalty of aggregation='least_squares'; "
                        f"aggregation is {self.aggregation!r}")

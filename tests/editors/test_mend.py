@@ -359,6 +359,59 @@ def test_edit_steps_train_through_every_step():
     MENDConfig(edit_steps=0)
 
 
+def test_refine_fine_tunes_the_edit_against_the_model_it_started_from():
+  # Reference: the editor's edit without refinement, then the refinement steps written out by hand:
+  # jax.grad of c_edit * (token-mean NLL of the edits) + KL(unedited || current) over every pool
+  # row (log_softmax), torch's RMSprop (decay 0.99, eps outside the root) in a Python loop.
+  model = tiny_model("gpt2")
+  batch, pool = make_batch(model, seed=8, batch=2), make_batch(model, seed=9, batch=4)
+  n, lr, c_edit = 3, 1e-2, 0.5
+  plain = MEND(model, MENDConfig(rank=8, edit_lr=0.05))
+  refined = MEND(model, MENDConfig(rank=8, edit_lr=0.05, refine=n, refine_lr=lr, refine_c_edit=c_edit,
+                                   refine_loc_rows=4))  # every pool row at every step
+  state = _randomize_net(plain.init(jax.random.PRNGKey(0)), jax.random.PRNGKey(5))
+  state = state._replace(aux=plain.update_stats(state.aux, plain.capture(model.params, batch)))
+  with pytest.raises(ValueError, match="refine=3 needs a locality pool"):
+    refined.edit(state, model.params, batch)
+  assert plain.with_loc_pool(state, pool) is state
+  edited, _ = plain.jit_edit(state, model.params, batch)
+  got, info = refined.jit_edit(refined.with_loc_pool(state, pool), model.params, batch)
+  ref_logp = jax.nn.log_softmax(model.logits(model.params, pool))
+  mask = pool["attention_mask"].astype(jnp.float32)
+
+  def loss(w):
+    p = tree.replace_leaves(model.params, w)
+    kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - jax.nn.log_softmax(model.logits(p, pool))), -1)
+    return c_edit * losses.nll(model.task, model.logits(p, batch), batch) + jnp.sum(kl * mask) / jnp.sum(mask)
+
+  w = tree.get_leaves(edited, model.layer_paths)
+  v = {k: jnp.zeros_like(x) for k, x in w.items()}
+  loss_edited = float(loss(w))
+  for _ in range(n):
+    g = jax.grad(loss)(w)
+    v = {k: 0.99 * v[k] + 0.01 * g[k] ** 2 for k in w}
+    w = {k: w[k] - lr * g[k] / (jnp.sqrt(v[k]) + 1e-8) for k in w}
+  want, edit_only = w, tree.get_leaves(edited, model.layer_paths)
+  new = tree.get_leaves(got, model.layer_paths)
+  for p in model.layer_paths:
+    assert float(jnp.abs(new[p] - edit_only[p]).max()) > 1e-3  # the steps moved the edited matrices
+    np.testing.assert_allclose(new[p], want[p], rtol=1e-4, atol=1e-5)
+  # The objective fell; info's KL is the final point's, to the unedited model (not to the edit).
+  assert float(loss(new)) < loss_edited
+  kl_final = float(loss(new) - c_edit * losses.nll(model.task, model.logits(got, batch), batch))
+  assert kl_final > 1e-4 and abs(float(info["loss_loc"]) - kl_final) <= 1e-4 * kl_final
+  np.testing.assert_allclose(info["update_norm"], [np.linalg.norm(np.asarray(new[p] - tree.get_leaves(model.params, [p])[p]))
+                                                   for p in model.layer_paths], rtol=1e-4)
+  with pytest.raises(ValueError, match="not a low-rank patch"):
+    refined.patch(state, model.params, batch)
+  with pytest.raises(ValueError, match="refine must be an integer >= 0"):
+    MENDConfig(refine=-1)
+  with pytest.raises(ValueError, match="refine_loc_rows must be an integer >= 1"):
+    MENDConfig(refine=1, refine_loc_rows=0)
+  with pytest.raises(ValueError, match="pool has 4 examples, fewer than MENDConfig.refine_loc_rows=5"):
+    MEND(model, MENDConfig(rank=8, refine=1, refine_loc_rows=5)).with_loc_pool(state, pool)
+
+
 def _penalty_reference(moment, count, gamma):
   """P = I + gamma C / (tr C / d), C = moment / count, in float64 (the key-preservation penalty)."""
   c = np.asarray(moment, np.float64) / count
