@@ -66,6 +66,9 @@ class EditLog:
   def __init__(self, editor: MEND, state: EditorState):
     if not isinstance(editor, MEND):
       raise TypeError(f"EditLog records MEND edits (low-rank patches); got a {type(editor).__name__}")
+    if editor.cfg.refine:
+      raise ValueError(f"EditLog records low-rank patches; this editor refines its edits with {editor.cfg.refine} "
+                       "FT+KL steps, which change whole matrices (use an editor with refine=0)")
     self.editor, self.state = editor, state
     self.patches: list[Patch] = []
     self._base: dict[str, np.ndarray] | None = None  # the edited kernels before the first edit

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import make_batch, tiny_model, with_read
 from mend_jax import capture, losses, tree
+from mend_jax.edit_log import EditLog
 from mend_jax.editors import MEND, MENDConfig
 _flat = tree.flatten
 
@@ -404,6 +405,8 @@ def test_refine_fine_tunes_the_edit_against_the_model_it_started_from():
                                                    for p in model.layer_paths], rtol=1e-4)
   with pytest.raises(ValueError, match="not a low-rank patch"):
     refined.patch(state, model.params, batch)
+  with pytest.raises(ValueError, match="EditLog records low-rank patches; this editor refines"):
+    EditLog(refined, state)
   with pytest.raises(ValueError, match="refine must be an integer >= 0"):
     MENDConfig(refine=-1)
   with pytest.raises(ValueError, match="refine_loc_rows must be an integer >= 1"):
