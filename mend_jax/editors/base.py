@@ -51,7 +51,8 @@ class Editor(abc.ABC):
     model: the EditableModel whose `layers` the editor edits.
     cfg: the editor's frozen config dataclass (an instance of `config_class`).
     learned: whether `fit` trains it (False for FT, FT+KL: nothing to train).
-    needs_loc_pool: whether an edit samples locality data, given by `with_loc_pool` (FT+KL).
+    needs_loc_pool: whether an edit samples locality data, given by `with_loc_pool` (FT+KL, MEND
+      with refinement steps).
     frozen_prefix: whether every parameter outside the editable layers stays the base model's,
       so that cached activations of the frozen blocks below them stay valid (False for ENN,
       which trains the whole model).

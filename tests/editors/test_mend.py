@@ -385,11 +385,13 @@ def test_refine_fine_tunes_the_edit_against_the_model_it_started_from():
     kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - jax.nn.log_softmax(model.logits(p, pool))), -1)
     return c_edit * losses.nll(model.task, model.logits(p, batch), batch) + jnp.sum(kl * mask) / jnp.sum(mask)
 
+  loss = jax.jit(loss)
   w = tree.get_leaves(edited, model.layer_paths)
   v = {k: jnp.zeros_like(x) for k, x in w.items()}
   loss_edited = float(loss(w))
+  grad = jax.jit(jax.grad(loss))
   for _ in range(n):
-    g = jax.grad(loss)(w)
+    g = grad(w)
     v = {k: 0.99 * v[k] + 0.01 * g[k] ** 2 for k in w}
     w = {k: w[k] - lr * g[k] / (jnp.sqrt(v[k]) + 1e-8) for k in w}
   want, edit_only = w, tree.get_leaves(edited, model.layer_paths)
@@ -399,7 +401,7 @@ def test_refine_fine_tunes_the_edit_against_the_model_it_started_from():
     np.testing.assert_allclose(new[p], want[p], rtol=1e-4, atol=1e-5)
   # The objective fell; info's KL is the final point's, to the unedited model (not to the edit).
   assert float(loss(new)) < loss_edited
-  kl_final = float(loss(new) - c_edit * losses.nll(model.task, model.logits(got, batch), batch))
+  kl_final = float(loss(new) - c_edit * jax.jit(lambda p: losses.nll(model.task, model.logits(p, batch), batch))(got))
   assert kl_final > 1e-4 and abs(float(info["loss_loc"]) - kl_final) <= 1e-4 * kl_final
   np.testing.assert_allclose(info["update_norm"], [np.linalg.norm(np.asarray(new[p] - tree.get_leaves(model.params, [p])[p]))
                                                    for p in model.layer_paths], rtol=1e-4)
