@@ -424,30 +424,27 @@ class LoadedEditor:
     (`Editor.edit`). Returns (new_params, info)."""
     return editors.jit_edit(self.editor, from_base=True)(self.state, params, batch, check=check, **static)
 
+  def _with_mend(self, key: str, n: int) -> "LoadedEditor":
+    """A copy whose MEND config has `key` = n (an integer >= 0; 0 keeps the editor as it is)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+      raise ValueError(f"{key} must be an integer >= 0 (0: as trained), got {n!r}")
+    if n == 0:
+      return self
+    if not hasattr(self.editor.cfg, key):
+      raise ValueError(f"{key} applies to MEND editors; this one is {self.editor.name!r}")
+    editor = editors.make(self.editor.name, self.editor.model, dataclasses.replace(self.editor.cfg, **{key: n}))
+    return dataclasses.replace(self, editor=editor)
+
   def with_edit_steps(self, n: int) -> "LoadedEditor":
     """The same trained MEND editor applying itself n times per edit (`MENDConfig.edit_steps`);
     n = 0 keeps the number it was trained with."""
-    if n < 0:
-      raise ValueError(f"edit_steps must be >= 0 (0: as trained), got {n}")
-    if n == 0:
-      return self
-    if not hasattr(self.editor.cfg, "edit_steps"):
-      raise ValueError(f"edit_steps applies to MEND editors; this one is {self.editor.name!r}")
-    editor = editors.make(self.editor.name, self.editor.model, dataclasses.replace(self.editor.cfg, edit_steps=n))
-    return dataclasses.replace(self, editor=editor)
+    return self._with_mend("edit_steps", n)
 
   def with_refine(self, n: int, loc_pool: Mapping[str, Any] | None = None) -> "LoadedEditor":
     """The same trained MEND editor followed by n steps of FT+KL on the edited matrices per edit
     (`MENDConfig.refine`), drawing locality examples from `loc_pool` (a batch dict; None: give one
     later with `with_loc_pool`); n = 0 keeps the editor's own setting."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-      raise ValueError(f"refine must be an integer >= 0 (0: as trained), got {n!r}")
-    if n == 0:
-      return self
-    if not hasattr(self.editor.cfg, "refine"):
-      raise ValueError(f"refine applies to MEND editors; this one is {self.editor.name!r}")
-    editor = editors.make(self.editor.name, self.editor.model, dataclasses.replace(self.editor.cfg, refine=n))
-    out = dataclasses.replace(self, editor=editor)
+    out = self._with_mend("refine", n)
     return out.with_loc_pool(loc_pool) if loc_pool is not None else out
 
   def protecting(self, base_params, data, preserve: float | None = None) -> "LoadedEditor":

@@ -85,7 +85,7 @@ def test_a_restored_editor_applies_itself_several_times_per_edit(synth_setup, tm
     assert not np.array_equal(np.asarray(w2[p]), np.asarray(w1[p]))
     np.testing.assert_allclose(w[p], w2[p], rtol=1e-6, atol=1e-6 * float(np.abs(w2[p] - w0[p]).max()))
   assert loaded.with_edit_steps(0) is loaded and loaded.editor.cfg.edit_steps == 1
-  with pytest.raises(ValueError, match="edit_steps must be >= 0"):
+  with pytest.raises(ValueError, match="edit_steps must be an integer >= 0"):
     loaded.with_edit_steps(-1)
   ft = ckpt_lib.LoadedEditor(editors.make("ft", m, {}), None, {})
   with pytest.raises(ValueError, match="edit_steps applies to MEND editors; this one is 'ft'"):
